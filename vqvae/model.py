@@ -1,0 +1,195 @@
+"""The VQ-VAE: encoder -> quantizer -> decoder, its config dataclass, presets and loss."""
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vqvae.nets import ACTIVATIONS, Decoder, Encoder
+from vqvae.quantizer import VectorQuantizer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class VQVAEConfig:
+    """Everything needed to rebuild the model; stored in every checkpoint."""
+
+    image_size: int = 32
+    channels: int = 3
+    base_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2)  # one stride-2 level each: factor 2**len
+    res_blocks: int = 0  # residual blocks per level
+    mid_blocks: int = 2  # residual blocks at the lowest resolution
+    res_hidden: int | None = 32  # None: half the block's width
+    stem: bool = False
+    group_norm: bool = False
+    activation: str = "relu"
+    code_dim: int = 64
+    num_codes: int = 512
+    beta: float = 0.25
+    codebook_learning: str = "ema"
+    decay: float = 0.99
+    epsilon: float = 1e-5
+    estimator: str = "ste"
+    normalize_codes: bool = False
+    dead_code_threshold: float = 0.0
+    assign_precision: str = "highest"
+    compute_dtype: str = "float32"  # "bfloat16": convolutions in bf16, parameters in f32
+
+    def __post_init__(self):
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        if self.image_size % self.downsample_factor:
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by the downsampling factor "
+                f"{self.downsample_factor} (2 ** {len(self.channel_mult)} levels)"
+            )
+        if self.compute_dtype not in DTYPES:
+            raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** len(self.channel_mult)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.downsample_factor
+
+    def replace(self, **changes) -> "VQVAEConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["channel_mult"] = list(self.channel_mult)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VQVAEConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def build(self, rngs: nnx.Rngs) -> "VQVAE":
+        levels = [self.base_channels * m for m in self.channel_mult]
+        return VQVAE(
+            channels=self.channels,
+            levels=levels,
+            code_dim=self.code_dim,
+            res_blocks=self.res_blocks,
+            mid_blocks=self.mid_blocks,
+            res_hidden=self.res_hidden,
+            stem=self.stem,
+            group_norm=self.group_norm,
+            activation=self.activation,
+            dtype=DTYPES[self.compute_dtype],
+            quantizer=dict(
+                num_codes=self.num_codes,
+                beta=self.beta,
+                learning=self.codebook_learning,
+                decay=self.decay,
+                epsilon=self.epsilon,
+                estimator=self.estimator,
+                normalize=self.normalize_codes,
+                dead_code_threshold=self.dead_code_threshold,
+                precision=self.assign_precision,
+            ),
+            rngs=rngs,
+        )
+
+
+PRESETS = {
+    # DeepMind Sonnet's CIFAR-10 VQ-VAE: 32x32 -> 8x8 grid, 512 x 64 codebook.
+    "sonnet-cifar": VQVAEConfig(),
+    # A tokenizer-sized net: 256x256 -> 32x32 grid, 16384 x 256 codebook, bf16 convolutions.
+    "f8-256": VQVAEConfig(
+        image_size=256,
+        base_channels=128,
+        channel_mult=(1, 2, 4),
+        res_blocks=2,
+        mid_blocks=0,
+        res_hidden=None,
+        stem=True,
+        code_dim=256,
+        num_codes=16384,
+        compute_dtype="bfloat16",
+    ),
+}
+
+
+class ModelOutput(NamedTuple):
+    reconstruction: jax.Array  # (B, H, W, C) float32
+    indices: jax.Array  # (B, h, w) int32
+    quantizer_loss: jax.Array
+    metrics: dict[str, jax.Array]
+
+
+class VQVAE(nnx.Module):
+    """Encoder, codebook quantizer (always float32) and decoder."""
+
+    def __init__(
+        self,
+        *,
+        channels: int,
+        levels: list[int],
+        code_dim: int,
+        res_blocks: int,
+        mid_blocks: int,
+        res_hidden: int | None,
+        stem: bool,
+        group_norm: bool,
+        activation: str,
+        dtype,
+        quantizer: dict[str, Any],
+        rngs: nnx.Rngs,
+    ):
+        net = dict(
+            res_blocks=res_blocks,
+            mid_blocks=mid_blocks,
+            res_hidden=res_hidden,
+            stem=stem,
+            group_norm=group_norm,
+            activation=activation,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.encoder = Encoder(channels, levels, code_dim, **net)
+        self.quantizer = VectorQuantizer(code_dim=code_dim, rngs=rngs, **quantizer)
+        self.decoder = Decoder(channels, levels, code_dim, **net)
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        """Images (B, H, W, C) in the training range -> continuous codes (B, h, w, D) float32."""
+        return self.encoder(x).astype(jnp.float32)
+
+    def decode(self, z_q: jax.Array) -> jax.Array:
+        """Quantized codes (B, h, w, D) -> images (B, H, W, C) float32."""
+        return self.decoder(z_q).astype(jnp.float32)
+
+    def encode_to_indices(self, x: jax.Array) -> jax.Array:
+        """Images (B, H, W, C) -> token ids (B, h, w) int32."""
+        return self.quantizer(self.encode(x)).indices
+
+    def decode_indices(self, indices: jax.Array) -> jax.Array:
+        """Token ids (B, h, w) -> images (B, H, W, C) float32."""
+        return self.decode(self.quantizer.lookup(indices))
+
+    def __call__(self, x: jax.Array, *, train: bool = False) -> ModelOutput:
+        q = self.quantizer(self.encode(x), train=train)
+        return ModelOutput(self.decode(q.quantized), q.indices, q.loss, q.metrics)
+
+
+def vqvae_loss(
+    model: VQVAE, x: jax.Array, *, train: bool, data_variance: float = 1.0
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """MSE / data_variance (the VQ-VAE paper's normalisation when given) + quantizer loss."""
+    out = model(x, train=train)
+    mse = jnp.mean(jnp.square(out.reconstruction - x.astype(jnp.float32)))
+    recon = mse / data_variance
+    loss = recon + out.quantizer_loss
+    metrics = {"loss": loss, "mse": mse, "recon_loss": recon, **out.metrics}
+    return loss, metrics
