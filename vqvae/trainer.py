@@ -1,0 +1,359 @@
+"""Train state, the jitted train step, the training loop, evaluation and logging.
+
+The model is split once (``nnx.split``) into a static graph, parameters and EMA state; the
+step is a pure function of plain pytrees that merges them back inside, jitted once with
+explicit in/out shardings and the old state donated. State is created already sharded
+(``jax.jit(init, out_shardings=...)``), in one compiled program rather than one per array.
+"""
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from PIL import Image
+
+from vqvae import data as data_lib
+from vqvae.checkpoint import Checkpoints
+from vqvae.model import VQVAEConfig, vqvae_loss
+from vqvae.quantizer import codebook_health
+from vqvae.sharding import batch_sharding, check_batch_size, make_mesh, replicated, state_shardings
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def to_model_range(images: jax.Array) -> jax.Array:
+    """uint8 images (B, H, W, C) -> float32 in [-0.5, 0.5], the training range."""
+    return images.astype(jnp.float32) / 255.0 - 0.5
+
+
+def to_uint8(x: jax.Array) -> jax.Array:
+    """Training range -> uint8 images, clipped."""
+    return jnp.clip(jnp.round((x + 0.5) * 255.0), 0, 255).astype(jnp.uint8)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
+    """Adam or AdamW with linear warm-up and cosine decay, optional gradient clipping."""
+    warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0 if warmup else optim.lr,
+        optim.lr,
+        warmup,
+        max(total_steps, warmup + 1),
+        end_value=optim.lr * optim.final_lr_fraction,
+    )
+    if optim.name == "adam":
+        opt = optax.adam(schedule, b1=optim.b1, b2=optim.b2)
+    elif optim.name == "adamw":
+        opt = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay)
+    else:
+        raise ValueError(f"optim.name must be 'adam' or 'adamw', got {optim.name!r}")
+    if optim.grad_clip:
+        opt = optax.chain(optax.clip_by_global_norm(optim.grad_clip), opt)
+    return opt
+
+
+def make_train_step(graphdef, tx, data_variance: float):
+    """The pure step: (state, batch) -> (state, metrics). state: params, rest, opt, step."""
+
+    def train_step(state, batch):
+        x = to_model_range(batch["image"])  # (B, H, W, C)
+
+        def loss_fn(params):
+            # copy: fresh Variables in this trace, so the EMA update may write to them
+            model = nnx.merge(graphdef, params, state["rest"], copy=True)
+            loss, metrics = vqvae_loss(model, x, train=True, data_variance=data_variance)
+            return loss, (nnx.state(model, nnx.Not(nnx.Param)), metrics)
+
+        grads, (rest, metrics) = jax.grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        new = {"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1}
+        return new, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef):
+    """(params, rest, batch) -> per-image MSE (B,), token ids (B, h, w), uint8 reconstruction."""
+
+    def eval_step(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        x = to_model_range(batch["image"])
+        out = model(x)
+        per_image = jnp.mean(jnp.square(out.reconstruction - x), axis=(1, 2, 3))  # (B,)
+        return per_image, out.indices, to_uint8(out.reconstruction)
+
+    return eval_step
+
+
+def image_grid(rows: list[np.ndarray], path: Path) -> None:
+    """Write rows of uint8 images (n, H, W, C) as one PNG, atomically."""
+    tiles = [np.concatenate(list(r), axis=1) for r in rows]
+    grid = np.concatenate(tiles, axis=0)
+    if grid.shape[-1] == 1:
+        grid = grid[..., 0]
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(grid).save(tmp)
+    tmp.replace(path)
+
+
+class MetricsLog:
+    """metrics.jsonl and TensorBoard event files in the workdir."""
+
+    def __init__(self, workdir: Path, tensorboard: bool = True):
+        self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115
+        self.tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        self.jsonl.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"{split}/{k}", v, step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Progress:
+    """One line: step, loss, images/s and ETA; redrawn in place on a terminal."""
+
+    def __init__(self, total: int, start: int, batch_size: int):
+        self.total, self.start, self.batch_size = total, start, batch_size
+        self.t0, self.tty = time.time(), sys.stderr.isatty()
+
+    def update(self, step: int, loss: float) -> str:
+        done = step - self.start
+        elapsed = max(time.time() - self.t0, 1e-9)
+        rate = done * self.batch_size / elapsed
+        eta = (self.total - step) * elapsed / max(done, 1)
+        bar = "#" * int(20 * step / self.total)
+        line = (
+            f"[{bar:<20}] step {step}/{self.total} loss {loss:.4f} "
+            f"{rate:,.0f} img/s ETA {int(eta // 60)}m{int(eta % 60):02d}s"
+        )
+        print(("\r" if self.tty else "") + line, end="" if self.tty else "\n", file=sys.stderr)
+        return line
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def _finite(metrics: dict[str, float]) -> bool:
+    return all(math.isfinite(v) for v in metrics.values())
+
+
+class Trainer:
+    """Builds sharded state from a config, restores the latest checkpoint, runs the loop."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, arrays=None):
+        self.config, self.arrays = config, arrays
+        self.workdir = Path(workdir).expanduser()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.model_config = VQVAEConfig.from_dict(dict(config.model))
+        self.mesh = make_mesh(config.get("num_devices") or None)
+        check_batch_size(config.batch_size, self.mesh)
+        self.tx = make_optimizer(config.optim, config.steps)
+        self.ckpt = Checkpoints(self.workdir, max_to_keep=config.keep_checkpoints)
+        self._stop_signal: int | None = None
+
+        def init():
+            model = self.model_config.build(nnx.Rngs(config.seed))
+            _, params, rest = nnx.split(model, nnx.Param, ...)
+            step = jnp.zeros((), jnp.int32)
+            return {"params": params, "rest": rest, "opt": self.tx.init(params), "step": step}
+
+        abstract_model = nnx.eval_shape(lambda: self.model_config.build(nnx.Rngs(0)))
+        self.graphdef = nnx.graphdef(abstract_model)
+        abstract = jax.eval_shape(init)
+        self.shardings = state_shardings(abstract, self.mesh, fsdp=config.get("fsdp", False))
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract,
+            self.shardings,
+        )
+        self._init = jax.jit(init, out_shardings=self.shardings)
+
+    # --- state -------------------------------------------------------------------------
+    def _meta(self, data_variance: float) -> dict[str, Any]:
+        return {
+            "model": self.model_config.to_dict(),
+            "config": self.config.to_dict(),
+            "data_variance": data_variance,
+            "data": {
+                "source": self.config.data.source,
+                "seed": self.config.seed,
+                "val_fraction": self.config.data.val_fraction,
+            },
+        }
+
+    def restore_or_init(self) -> tuple[dict, float]:
+        """The latest checkpoint's state (and data variance), or fresh state."""
+        step = self.ckpt.latest_step()
+        if step is None:
+            return self._init(), self._data_variance()
+        a = self.abstract_state
+        model, train, meta = self.ckpt.restore(
+            step,
+            {"params": a["params"], "rest": a["rest"]},
+            {"opt": a["opt"], "step": a["step"]},
+        )
+        if meta["model"] != self.model_config.to_dict():
+            raise ValueError(
+                f"{self.workdir} holds a checkpoint of a different model; use a new --workdir"
+            )
+        log.info("resumed from step %d", step)
+        return {**model, **train}, float(meta["data_variance"])
+
+    def _data_variance(self, batches: int = 8, batch_size: int = 256) -> float:
+        """Pixel variance of a few thousand training images, for the normalised MSE."""
+        src = self._source(train=True)
+        n = total = total_sq = 0.0
+        # a different stretch of the data than the first training steps
+        stretch = data_lib.host_batches(src, batch_size, 10**6)
+        for _, host in zip(range(batches), stretch, strict=False):
+            x = host["image"].astype(np.float64) / 255.0
+            n, total, total_sq = n + x.size, total + x.sum(), total_sq + np.square(x).sum()
+        return float(total_sq / n - (total / n) ** 2)
+
+    def _source(self, train: bool):
+        d, m = self.config.data, self.model_config
+        return data_lib.make_source(
+            d.source,
+            image_size=m.image_size,
+            channels=m.channels,
+            train=train,
+            seed=self.config.seed,
+            arrays=self.arrays,
+            val_fraction=d.val_fraction,
+            data_dir=d.get("data_dir") or None,
+            download=d.get("download", False),
+        )
+
+    # --- loop --------------------------------------------------------------------------
+    def _on_signal(self, signum, _frame):
+        self._stop_signal = signum
+
+    def train(self) -> dict:
+        """Run to ``config.steps``; returns the last evaluation's metrics."""
+        cfg = self.config
+        state, data_variance = self.restore_or_init()
+        self.data_variance = data_variance
+        start = int(state["step"])
+        train_source = self._source(train=True)
+        batches = data_lib.global_batches(
+            train_source, cfg.batch_size, batch_sharding(self.mesh), start
+        )
+        step_fn = jax.jit(
+            make_train_step(
+                self.graphdef, self.tx, data_variance if cfg.loss.normalize_by_variance else 1.0
+            ),
+            in_shardings=(self.shardings, batch_sharding(self.mesh)),
+            out_shardings=(self.shardings, replicated(self.mesh)),
+            donate_argnums=0,
+        )
+        meta = self._meta(data_variance)
+        metrics_log = MetricsLog(self.workdir, cfg.get("tensorboard", True))
+        progress = Progress(cfg.steps, start, cfg.batch_size)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        last_saved, eval_metrics = start, {}
+        try:
+            with jax.set_mesh(self.mesh):
+                for step in range(start + 1, cfg.steps + 1):
+                    state, metrics = step_fn(state, next(batches))
+                    last = step == cfg.steps or self._stop_signal is not None
+                    save = step % cfg.checkpoint_every == 0 or last
+                    if step % cfg.log_every == 0 or save:
+                        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                        if not _finite(host):
+                            raise TrainingDiverged(
+                                f"loss is not finite at step {step} ({host['loss']}); stopped. "
+                                f"The last good checkpoint (step {last_saved}) is kept in "
+                                f"{self.workdir}"
+                            )
+                        metrics_log.write(step, "train", host)
+                        progress.update(step, host["loss"])
+                    if step % cfg.eval_every == 0 or last:
+                        eval_metrics = self.evaluate(state, step)
+                        metrics_log.write(step, "eval", eval_metrics)
+                    if save:
+                        self.ckpt.save(
+                            step,
+                            {k: state[k] for k in ("params", "rest")},
+                            {"opt": state["opt"], "step": state["step"]},
+                            meta,
+                        )
+                        last_saved = step
+                    if self._stop_signal is not None:
+                        name = signal.Signals(self._stop_signal).name
+                        log.warning("%s: saved step %d; rerun to resume", name, step)
+                        break
+        finally:
+            progress.close()
+            self.ckpt.wait()
+            metrics_log.close()
+            for s, h in previous.items():
+                signal.signal(s, h)
+        self.state = state
+        return eval_metrics
+
+    # --- evaluation --------------------------------------------------------------------
+    def evaluate(self, state: dict, step: int) -> dict[str, float]:
+        """MSE, PSNR, perplexity, codebook usage and dead codes on held-out data; a PNG grid.
+
+        ``eval_batches`` batches, or with 0 every held-out example once.
+        """
+        cfg, m = self.config, self.model_config
+        if not hasattr(self, "_eval_step"):
+            self._eval_step = jax.jit(make_eval_step(self.graphdef))
+            self._eval_source = self._source(train=False)
+        bs = cfg.eval_batch_size
+        total = cfg.eval_batches * bs or self._eval_source.num_examples
+        per_image, counts, first = [], np.zeros(m.num_codes), None
+        held_out = data_lib.host_batches(self._eval_source, bs)
+        for i, host in zip(range(-(-total // bs)), held_out, strict=False):
+            keep = min(bs, total - i * bs)  # the last batch wraps around: count it once
+            batch = jax.device_put(host, batch_sharding(self.mesh))
+            err, idx, recon = self._eval_step(state["params"], state["rest"], batch)
+            per_image.append(np.asarray(err)[:keep])
+            counts += np.bincount(np.asarray(idx)[:keep].ravel(), minlength=m.num_codes)
+            if i == 0:
+                first = (host["image"], np.asarray(recon))
+        per_image = np.concatenate(per_image)
+        mse = float(np.mean(per_image))
+        health = {k: float(v) for k, v in codebook_health(jnp.asarray(counts)).items()}
+        ema_counts = np.asarray(state["rest"]["quantizer"]["counts"].get_value())
+        out = {
+            "mse": mse,  # pixels in [0, 1]
+            "normalized_mse": mse / self.data_variance,  # the VQ-VAE paper's figure
+            "psnr": float(10 * np.log10(1.0 / max(mse, 1e-12))),  # of the mean MSE
+            **health,
+            "dead_codes": float(np.sum(ema_counts < cfg.dead_code_report_threshold)),
+            "examples": float(len(per_image)),
+        }
+        n = min(8, len(first[0]))
+        image_grid([first[0][:n], first[1][:n]], self.workdir / "eval_grid.png")
+        return out
