@@ -1,6 +1,37 @@
-"""Train a VQ-VAE tokenizer (not available yet: the training loop is still to come)."""
+"""Train a VQ-VAE tokenizer.
 
+    python train.py --config configs/default.py --workdir workdir/default [--config.key=value]
+
+Running it again with the same workdir resumes from the latest checkpoint. SIGTERM or
+Ctrl-C saves a checkpoint and exits.
+"""
+
+import logging
 import sys
 
+from absl import app, flags
+from ml_collections import config_flags
+
+from vqvae.runtime import clean_errors, parse_flags, setup
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and images.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    setup()
+    from vqvae.trainer import Trainer
+
+    with clean_errors("train.py"):
+        result = Trainer(_CONFIG.value, _WORKDIR.value).train()
+    if result:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items())
+        logging.info("final evaluation: %s", shown)
+        print(f"final evaluation: {shown}", file=sys.stderr)
+
+
 if __name__ == "__main__":
-    sys.exit("train.py: the training loop is not in the package yet; see README.md.")
+    app.run(main, flags_parser=parse_flags("train.py"))

@@ -1,0 +1,43 @@
+"""Defaults shared by every config: each config file starts from ``base()``."""
+
+import ml_collections
+
+from vqvae.model import VQVAEConfig
+
+
+def base(model: VQVAEConfig) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.steps = 1000
+    c.batch_size = 32
+    c.num_devices = 0  # 0: every device
+    c.fsdp = False  # shard parameters and optimizer state over the data axis too
+    c.model = model.to_dict()
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "sample_photos"
+    c.data.val_fraction = 0.02  # folder sources: share of files held out (stable hash)
+    c.data.data_dir = ""  # tfds data_dir ("" = tfds default)
+    c.data.download = False  # tfds: download and prepare when missing
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adam"
+    c.optim.lr = 3e-4
+    c.optim.b1, c.optim.b2 = 0.9, 0.999
+    c.optim.weight_decay = 0.0
+    c.optim.warmup_steps = 0
+    c.optim.final_lr_fraction = 1.0  # 1.0: constant after warm-up
+    c.optim.grad_clip = 0.0  # 0: no clipping
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.normalize_by_variance = True  # MSE / data variance, as in the VQ-VAE paper
+
+    c.log_every = 50
+    c.eval_every = 500
+    c.eval_batches = 8
+    c.eval_batch_size = 64
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.dead_code_report_threshold = 1e-3
+    c.tensorboard = True
+    return c
