@@ -26,7 +26,13 @@ def main(argv):
     from vqvae.trainer import Trainer
 
     with clean_errors("train.py"):
-        result = Trainer(_CONFIG.value, _WORKDIR.value).train()
+        try:
+            config = _CONFIG.value
+            config.get("steps")  # a config file that failed to load raises on first use
+        except OSError as e:
+            why = str(e).strip().splitlines()[-1].strip()
+            raise ValueError(f"cannot load the config file: {why}") from None
+        result = Trainer(config, _WORKDIR.value).train()
     if result:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items())
         logging.info("final evaluation: %s", shown)

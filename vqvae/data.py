@@ -278,8 +278,12 @@ class TfdsSource:
             if download:
                 builder.download_and_prepare()
             split = tfds.split_for_jax_process(split) if jax.process_count() > 1 else split
-            self.ds = builder.as_dataset(split=split, shuffle_files=train)
-            self.num_examples = builder.info.splits[split].num_examples
+            self.ds = builder.as_dataset(  # seeded file order: a resumed run sees the same data
+                split=split, shuffle_files=train, read_config=tfds.ReadConfig(shuffle_seed=seed)
+            )
+            self.num_examples = int(self.ds.cardinality())
+            if self.num_examples < 0:  # unknown to tf.data: ask the dataset's metadata
+                self.num_examples = builder.info.splits[split].num_examples
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise DataError(

@@ -82,7 +82,7 @@ def make_train_step(graphdef, tx, data_variance: float):
         grads, (rest, metrics) = jax.grad(loss_fn, has_aux=True)(state["params"])
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         new = {"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1}
         return new, metrics
 
@@ -195,7 +195,7 @@ class Trainer:
             abstract,
             self.shardings,
         )
-        self._init = jax.jit(init, out_shardings=self.shardings)
+        self.init_state = jax.jit(init, out_shardings=self.shardings)
 
     # --- state -------------------------------------------------------------------------
     def _meta(self, data_variance: float) -> dict[str, Any]:
@@ -214,17 +214,17 @@ class Trainer:
         """The latest checkpoint's state (and data variance), or fresh state."""
         step = self.ckpt.latest_step()
         if step is None:
-            return self._init(), self._data_variance()
+            return self.init_state(), self._data_variance()
+        if self.ckpt.meta(step)["model"] != self.model_config.to_dict():
+            raise ValueError(
+                f"{self.workdir} holds a checkpoint of a different model; use a new --workdir"
+            )
         a = self.abstract_state
         model, train, meta = self.ckpt.restore(
             step,
             {"params": a["params"], "rest": a["rest"]},
             {"opt": a["opt"], "step": a["step"]},
         )
-        if meta["model"] != self.model_config.to_dict():
-            raise ValueError(
-                f"{self.workdir} holds a checkpoint of a different model; use a new --workdir"
-            )
         log.info("resumed from step %d", step)
         return {**model, **train}, float(meta["data_variance"])
 
@@ -232,9 +232,8 @@ class Trainer:
         """Pixel variance of a few thousand training images, for the normalised MSE."""
         src = self._source(train=True)
         n = total = total_sq = 0.0
-        # a different stretch of the data than the first training steps
-        stretch = data_lib.host_batches(src, batch_size, 10**6)
-        for _, host in zip(range(batches), stretch, strict=False):
+        first = data_lib.host_batches(src, batch_size)  # a separate pass: no effect on training
+        for _, host in zip(range(batches), first, strict=False):
             x = host["image"].astype(np.float64) / 255.0
             n, total, total_sq = n + x.size, total + x.sum(), total_sq + np.square(x).sum()
         return float(total_sq / n - (total / n) ** 2)
@@ -253,6 +252,16 @@ class Trainer:
             download=d.get("download", False),
         )
 
+    def compile_step(self, data_variance: float):
+        """The train step, jitted with this mesh's shardings; the input state is donated."""
+        scale = data_variance if self.config.loss.normalize_by_variance else 1.0
+        return jax.jit(
+            make_train_step(self.graphdef, self.tx, scale),
+            in_shardings=(self.shardings, batch_sharding(self.mesh)),
+            out_shardings=(self.shardings, replicated(self.mesh)),
+            donate_argnums=0,
+        )
+
     # --- loop --------------------------------------------------------------------------
     def _on_signal(self, signum, _frame):
         self._stop_signal = signum
@@ -267,14 +276,7 @@ class Trainer:
         batches = data_lib.global_batches(
             train_source, cfg.batch_size, batch_sharding(self.mesh), start
         )
-        step_fn = jax.jit(
-            make_train_step(
-                self.graphdef, self.tx, data_variance if cfg.loss.normalize_by_variance else 1.0
-            ),
-            in_shardings=(self.shardings, batch_sharding(self.mesh)),
-            out_shardings=(self.shardings, replicated(self.mesh)),
-            donate_argnums=0,
-        )
+        step_fn = self.compile_step(data_variance)
         meta = self._meta(data_variance)
         metrics_log = MetricsLog(self.workdir, cfg.get("tensorboard", True))
         progress = Progress(cfg.steps, start, cfg.batch_size)

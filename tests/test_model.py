@@ -1,0 +1,119 @@
+"""The encoder/decoder nets, the presets' shapes, mixed precision and the VQ-VAE loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vqvae.model import PRESETS, VQVAEConfig, vqvae_loss
+
+TINY = VQVAEConfig(
+    image_size=16,
+    base_channels=8,
+    channel_mult=(1, 2),
+    mid_blocks=1,
+    res_hidden=8,
+    code_dim=8,
+    num_codes=32,
+)
+
+
+def _param_count(config: VQVAEConfig) -> int:
+    model = nnx.eval_shape(lambda: config.build(nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+
+
+def _shapes(config: VQVAEConfig) -> dict[str, tuple]:
+    model = nnx.eval_shape(lambda: config.build(nnx.Rngs(0)))
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return {"/".join(map(str, k)): tuple(v.shape) for k, v in flat}
+
+
+def test_sonnet_cifar_preset_matches_the_reference_architecture():
+    # conv 4x4/2 3->64, conv 4x4/2 64->128, conv 3x3 128->128, 2 res blocks (3x3 128->32,
+    # 1x1 32->128), 1x1 128->64; 512 x 64 codebook; the decoder mirrors it.
+    cfg = PRESETS["sonnet-cifar"]
+    shapes = sorted(s for s in _shapes(cfg).values() if len(s) == 4)
+    expected = sorted(
+        [(4, 4, 3, 64), (4, 4, 64, 128), (3, 3, 128, 128), (1, 1, 128, 64)]  # encoder
+        + [(3, 3, 128, 32), (1, 1, 32, 128)] * 4  # two res blocks each side
+        + [(3, 3, 64, 128), (4, 4, 128, 64), (4, 4, 64, 3)]  # decoder (transposed: in, out)
+    )
+    assert shapes == expected
+    assert _param_count(cfg) == 662_723
+    assert cfg.grid_size == 8 and cfg.num_codes == 512 and cfg.code_dim == 64
+
+
+def test_f8_256_preset_matches_the_reference_architecture():
+    cfg = PRESETS["f8-256"]
+    shapes = list(_shapes(cfg).values())
+    convs = [s for s in shapes if len(s) == 4]
+    assert (3, 3, 3, 128) in convs and (3, 3, 128, 3) in convs  # stems
+    for cin, cout in [(128, 128), (128, 256), (256, 512)]:
+        assert (4, 4, cin, cout) in convs  # strided downsampling convs
+    # residual blocks, hidden width half the channels: encoder 2 per stage at 128/256/512;
+    # the decoder, mirrored, runs two at 512 before each upsampling to 512/256/128 channels
+    for c, n in [(128, 2), (256, 4), (512, 6)]:
+        assert convs.count((3, 3, c, c // 2)) == n and convs.count((1, 1, c // 2, c)) == n
+    for cin, cout in [(512, 512), (512, 256), (256, 128)]:
+        assert (4, 4, cin, cout) in convs  # transposed upsampling convs
+    assert (1, 1, 512, 256) in convs and (3, 3, 256, 512) in convs  # in/out of the codes
+    assert len(convs) == 34
+    assert _param_count(cfg) == 20_365_059
+    assert cfg.grid_size == 32 and cfg.num_codes == 16384 and cfg.code_dim == 256
+    assert cfg.compute_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("mult,factor", [((1, 2), 4), ((1, 2, 2), 8), ((1, 1, 2, 2), 16)])
+def test_downsampling_factor_and_shapes(mult, factor):
+    cfg = TINY.replace(channel_mult=mult, image_size=32)
+    model = cfg.build(nnx.Rngs(0))
+    x = jnp.zeros((2, 32, 32, 3))
+    out = model(x)
+    assert cfg.downsample_factor == factor
+    assert out.reconstruction.shape == x.shape
+    assert out.indices.shape == (2, 32 // factor, 32 // factor)
+    assert out.indices.dtype == jnp.int32
+
+
+def test_image_size_not_divisible_is_a_clear_error():
+    with pytest.raises(ValueError, match="image_size 18 is not divisible by the downsampling"):
+        TINY.replace(image_size=18)
+
+
+def test_config_round_trips_and_rejects_unknown_keys():
+    assert VQVAEConfig.from_dict(TINY.to_dict()) == TINY
+    with pytest.raises(ValueError, match="unknown model config keys: \\['widht'\\]"):
+        VQVAEConfig.from_dict({**TINY.to_dict(), "widht": 3})
+
+
+def test_bfloat16_convolutions_float32_params_and_quantizer():
+    model = TINY.replace(compute_dtype="bfloat16").build(nnx.Rngs(0))
+    dtypes = {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))}
+    assert dtypes == {jnp.dtype(jnp.float32)}
+    x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3)) - 0.5
+    assert model.encoder(x).dtype == jnp.bfloat16
+    assert model.encode(x).dtype == jnp.float32  # what the quantizer sees
+    assert model.quantizer.codebook.get_value().dtype == jnp.float32
+    assert model(x).reconstruction.dtype == jnp.float32
+
+
+def test_encode_decode_helpers_agree_with_the_forward_pass():
+    model = TINY.build(nnx.Rngs(1))
+    x = jax.random.uniform(jax.random.key(0), (3, 16, 16, 3)) - 0.5
+    out = model(x)
+    np.testing.assert_array_equal(model.encode_to_indices(x), out.indices)
+    np.testing.assert_allclose(model.decode_indices(out.indices), out.reconstruction, atol=1e-6)
+
+
+def test_loss_is_normalised_mse_plus_quantizer_loss():
+    model = TINY.build(nnx.Rngs(2))
+    x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3)) - 0.5
+    loss, m = vqvae_loss(model, x, train=False, data_variance=0.25)
+    out = model(x)
+    mse = jnp.mean(jnp.square(out.reconstruction - x))
+    np.testing.assert_allclose(m["mse"], mse, rtol=1e-6)
+    np.testing.assert_allclose(loss, mse / 0.25 + out.quantizer_loss, rtol=1e-6)
+    assert float(m["commitment_loss"]) > 0

@@ -1,0 +1,144 @@
+"""The sharded train step, resuming, divergence, evaluation and logging (tiny config)."""
+
+import json
+import math
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from vqvae.checkpoint import Checkpoints, load_model
+from vqvae.data import make_source
+from vqvae.sharding import batch_sharding
+from vqvae.trainer import Trainer, TrainingDiverged, make_optimizer
+
+
+def config(**overrides):
+    c = tiny.get_config()
+    c.tensorboard = False
+    for k, v in overrides.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def _steps(trainer, n, batches):
+    state = trainer.init_state()
+    step = trainer.compile_step(data_variance=0.05)
+    metrics = []
+    with jax.set_mesh(trainer.mesh):
+        for b in batches[:n]:
+            state, m = step(state, jax.device_put(b, batch_sharding(trainer.mesh)))
+            metrics.append(jax.device_get(m))
+    return jax.device_get(state), metrics
+
+
+def _assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
+    flat_a, tree_a = jax.tree.flatten(a)
+    flat_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(flat_a, flat_b, strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_sharded_step_equals_single_device_step(tmp_path, fsdp):
+    src = make_source("sample_photos", image_size=16)
+    batches = [src.batch(s, 16) for s in range(3)]
+    wide = {"model.base_channels": 32}  # kernels big enough (>= 2**14) for FSDP to split
+    one = Trainer(config(num_devices=1, **wide), tmp_path / "one")
+    eight = Trainer(config(num_devices=8, fsdp=fsdp, **wide), tmp_path / "eight")
+    assert eight.mesh.shape["data"] == 8
+    if fsdp:  # the biggest kernels really are split over the devices
+        specs = [s.spec for s in jax.tree.leaves(eight.shardings["params"])]
+        assert any("data" in spec for spec in specs)
+    s1, m1 = _steps(one, 3, batches)
+    s8, m8 = _steps(eight, 3, batches)
+    _assert_trees_close(m1, m8)  # losses and codebook health over the global batch
+    # parameters, EMA codebook state, optimizer state (Adam's normalised steps amplify
+    # reduction-order rounding a little: a few 1e-6 after three steps)
+    _assert_trees_close(s1, s8, atol=2e-5)
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="batch_size 12 is not divisible by the 8 devices"):
+        Trainer(config(batch_size=12), tmp_path)
+
+
+@pytest.fixture(scope="module")
+def trained10(tmp_path_factory):
+    """A workdir trained for 10 steps (checkpoint 10); copy it before changing it."""
+    workdir = tmp_path_factory.mktemp("trained10")
+    Trainer(config(steps=10), workdir).train()
+    return workdir
+
+
+def test_resume_continues_exactly_and_logs(trained10, tmp_path):
+    # tiny's learning rate is constant, so stopping at 10 and going on to 20 changes nothing
+    shutil.copytree(trained10, tmp_path / "split")
+    resumed = Trainer(config(steps=20), tmp_path / "split")
+    resumed.train()
+    straight = Trainer(config(steps=20), tmp_path / "straight")
+    result = straight.train()
+    _assert_trees_close(jax.device_get(resumed.state), jax.device_get(straight.state), atol=1e-6)
+
+    for key in ("mse", "normalized_mse", "psnr", "perplexity", "codes_used", "dead_codes"):
+        assert math.isfinite(result[key])
+    assert result["psnr"] == pytest.approx(10 * math.log10(1 / result["mse"]))
+    jsonl = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    lines = [json.loads(x) for x in jsonl]
+    assert [x["step"] for x in lines if x["split"] == "eval"] == [10, 20]
+    assert {"loss", "mse", "perplexity", "grad_norm"} <= set(lines[0])
+    assert (tmp_path / "straight" / "eval_grid.png").is_file()
+    assert Checkpoints(tmp_path / "straight").latest_step() == 20
+    model, meta = load_model(tmp_path / "straight")  # no config needed
+    assert meta["model"]["num_codes"] == 32 and meta["data"]["source"] == "sample_photos"
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained10, tmp_path):
+    shutil.copytree(trained10, tmp_path, dirs_exist_ok=True)
+    bad = config(steps=20)
+    bad.optim.lr = float("nan")  # poisons the parameters at the first step
+    with pytest.raises(TrainingDiverged, match="not finite at step 15.*step 10"):
+        Trainer(bad, tmp_path).train()
+    assert Checkpoints(tmp_path).latest_step() == 10
+
+
+def test_checkpoint_of_another_model_is_refused(trained10):
+    with pytest.raises(ValueError, match="different model"):
+        Trainer(config(**{"model.num_codes": 64}), trained10).train()
+    assert Checkpoints(trained10).latest_step() == 10
+
+
+def test_optimizer_schedule_warms_up_and_decays():
+    c = config()
+    c.optim.update(lr=1e-2, warmup_steps=10, final_lr_fraction=0.1, grad_clip=1.0)
+    tx = make_optimizer(c.optim, total_steps=100)
+    params = {"w": np.zeros(3, np.float32)}
+    state = tx.init(params)
+    grads = {"w": np.full(3, 100.0, np.float32)}  # clipped to global norm 1
+    sizes = []
+    for _ in range(100):
+        updates, state = tx.update(grads, state, params)
+        sizes.append(float(np.abs(updates["w"]).max()))
+    assert sizes[0] < sizes[5] < sizes[10]  # warm-up
+    assert sizes[10] > sizes[50] > sizes[99]  # cosine decay
+    with pytest.raises(ValueError, match="optim.name"):
+        c.optim.name = "sgd"
+        make_optimizer(c.optim, 10)
+
+
+def test_trains_and_evaluates_from_tfds_mock_data(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    c = config(steps=4, checkpoint_every=4, eval_every=4, log_every=2)
+    c.data.source = "tfds:cifar10"
+    c.eval_batches = 0  # the whole (mocked) test split, once
+    with tfds.testing.mock_data(num_examples=48):
+        result = Trainer(c, tmp_path).train()
+    assert result["examples"] == 48 and math.isfinite(result["normalized_mse"])
+    assert Checkpoints(tmp_path).latest_step() == 4
