@@ -117,3 +117,21 @@ def test_loss_is_normalised_mse_plus_quantizer_loss():
     np.testing.assert_allclose(m["mse"], mse, rtol=1e-6)
     np.testing.assert_allclose(loss, mse / 0.25 + out.quantizer_loss, rtol=1e-6)
     assert float(m["commitment_loss"]) > 0
+
+
+def test_core_runs_without_tensorflow():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['tensorflow'] = None; sys.modules['tensorflow_datasets'] = None\n"
+        "import jax.numpy as jnp, flax.nnx as nnx\n"
+        "import vqvae.trainer, vqvae.checkpoint, vqvae.data\n"
+        "from vqvae.model import VQVAEConfig\n"
+        "c = VQVAEConfig(image_size=8, base_channels=4, code_dim=4, num_codes=8)\n"
+        "m = c.build(nnx.Rngs(0))\n"
+        "print(m(jnp.zeros((1, 8, 8, 3))).indices.shape)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(1, 2, 2)"
