@@ -23,7 +23,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     setup()
-    from vqvae.trainer import Trainer
 
     with clean_errors("train.py"):
         try:
@@ -32,6 +31,10 @@ def main(argv):
         except OSError as e:
             why = str(e).strip().splitlines()[-1].strip()
             raise ValueError(f"cannot load the config file: {why}") from None
+        if "tokenizer" in config:  # a prior over a trained tokenizer's tokens
+            from vqvae.prior_trainer import PriorTrainer as Trainer
+        else:
+            from vqvae.trainer import Trainer
         result = Trainer(config, _WORKDIR.value).train()
     if result:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items())

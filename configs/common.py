@@ -5,14 +5,15 @@ import ml_collections
 from vqvae.model import VQVAEConfig
 
 
-def base(model: VQVAEConfig) -> ml_collections.ConfigDict:
+def base(model: VQVAEConfig | dict) -> ml_collections.ConfigDict:
+    """Shared defaults around a model config (a VQVAEConfig, or the prior's settings)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.steps = 1000
     c.batch_size = 32
     c.num_devices = 0  # 0: every device
     c.fsdp = False  # shard parameters and optimizer state over the data axis too
-    c.model = model.to_dict()
+    c.model = model if isinstance(model, dict) else model.to_dict()
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "sample_photos"

@@ -7,6 +7,7 @@ renames it when complete, so a killed process never leaves a half-written checkp
 a restore would pick up.
 """
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,22 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from vqvae.model import VQVAE, VQVAEConfig
+from vqvae.model import VQVAEConfig
+from vqvae.prior import PriorConfig
 from vqvae.sharding import make_mesh, replicated
+
+CONFIGS = {"vqvae": VQVAEConfig, "prior": PriorConfig}
+
+
+class _QuietReadOnly(logging.Filter):
+    """Drop orbax's notes that a folder opened read-only is read-only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return "read only" not in msg and "read_only=True" not in msg
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
 
 
 class CheckpointError(FileNotFoundError):
@@ -94,8 +109,13 @@ class Checkpoints:
         self.manager.close()
 
 
-def load_model(workdir: str | Path, step: int | None = None) -> tuple[VQVAE, dict[str, Any]]:
-    """Rebuild a trained VQVAE from a checkpoint alone (its meta carries the model config)."""
+def load_model(
+    workdir: str | Path, step: int | None = None, kind: str = "vqvae"
+) -> tuple[nnx.Module, dict[str, Any]]:
+    """Rebuild a trained model from a checkpoint alone (its meta carries the model config).
+
+    ``kind``: "vqvae" (the tokenizer) or "prior".
+    """
     workdir = Path(workdir).expanduser()
     if not workdir.is_dir():
         raise CheckpointError(f"workdir {workdir} does not exist")
@@ -103,7 +123,10 @@ def load_model(workdir: str | Path, step: int | None = None) -> tuple[VQVAE, dic
     try:
         step = ckpt._step(step)
         meta = ckpt.meta(step)
-        config = VQVAEConfig.from_dict(meta["model"])
+        found = meta.get("kind", "vqvae")
+        if found != kind:
+            raise CheckpointError(f"{workdir} holds a {found} checkpoint, not a {kind} one")
+        config = CONFIGS[kind].from_dict(meta["model"])
         abstract = nnx.eval_shape(lambda: config.build(nnx.Rngs(0)))
         graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
         target = _with_sharding({"params": params, "rest": rest}, replicated(make_mesh()))

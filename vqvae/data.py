@@ -4,6 +4,7 @@ A source spec is a string, so it can be set from the command line:
   sample_photos        photographs bundled with scikit-image, scikit-learn and matplotlib
   folder:PATH          a folder of png/jpg/webp images (recursive; class sub-folders allowed)
   tfds:NAME[:SPLIT]    a prepared tensorflow-datasets dataset (downloads only when asked)
+  tokens:PATH          token grids exported by ``sample.py --mode tokens`` (for the prior)
   arrays               in-memory NumPy arrays, passed as ``arrays=(images, labels)``
 
 Every source but tfds is random access: the batch of step ``s`` depends only on the seed and
@@ -11,6 +12,7 @@ Every source but tfds is random access: the batch of step ``s`` depends only on 
 ``{"image": uint8 (B, H, W, C), "label": int32 (B,)}`` (label -1 where there is none).
 """
 
+import json
 import logging
 import queue
 import threading
@@ -112,6 +114,12 @@ class ArraySource:
         labels = self.labels[idx] if self.labels is not None else np.full(len(idx), -1)
         return {"image": _fit_channels(imgs, self.channels), "label": labels.astype(np.int32)}
 
+    def take(self, idx: np.ndarray) -> dict:
+        """Examples ``idx``, centre-cropped (for one pass over the data)."""
+        imgs = np.stack([_crop(self.images[i], self.image_size, None) for i in idx])
+        labels = self.labels[idx] if self.labels is not None else np.full(len(idx), -1)
+        return {"image": _fit_channels(imgs, self.channels), "label": labels.astype(np.int32)}
+
 
 def _photo_list() -> list[tuple[str, np.ndarray]]:
     """The RGB photographs that ship inside scikit-image, scikit-learn and matplotlib."""
@@ -166,10 +174,25 @@ class PhotoSource:
     @property
     def num_examples(self) -> int:
         """Distinct non-overlapping tiles, a rough size of the source."""
-        return sum((h // self.image_size) * (w // self.image_size) for h, w, _ in self._shapes())
+        return len(self._tiles())
 
-    def _shapes(self):
-        return [p.shape for p in self.photos]
+    def _tiles(self) -> list[tuple[int, int, int]]:
+        """(photo, top, left) of every non-overlapping tile."""
+        s = self.image_size
+        return [
+            (i, top, left)
+            for i, p in enumerate(self.photos)
+            for top in range(0, p.shape[0] - s + 1, s)
+            for left in range(0, p.shape[1] - s + 1, s)
+        ]
+
+    def take(self, idx: np.ndarray) -> dict:
+        """Tiles ``idx`` of the non-overlapping grid over every photo; label = photo."""
+        tiles, s = self._tiles(), self.image_size
+        picked = [tiles[i] for i in idx]
+        imgs = np.stack([self.photos[p][t : t + s, x : x + s] for p, t, x in picked])
+        labels = np.array([p for p, _, _ in picked], np.int32)
+        return {"image": _fit_channels(imgs, self.channels), "label": labels}
 
     def batch(self, step: int, batch_size: int, shard: tuple[int, int] = (0, 1)) -> dict:
         rng = _rng(self.seed, step, 0 if self.train else 7)
@@ -240,6 +263,14 @@ class FolderSource:
         arr = arr[..., None] if arr.ndim == 2 else arr
         return _fit_channels(_crop(arr, self.image_size, rng), self.channels)
 
+    def take(self, idx: np.ndarray) -> dict:
+        """Files ``idx``, centre-cropped; unreadable ones are left out (and counted)."""
+        loaded = [(self._load(int(i), None), self.labels[i]) for i in idx]
+        kept = [(a, lab) for a, lab in loaded if a is not None]
+        size, c = self.image_size, self.channels
+        images = np.stack([a for a, _ in kept]) if kept else np.zeros((0, size, size, c), np.uint8)
+        return {"image": images, "label": np.array([lab for _, lab in kept], np.int32)}
+
     def batch(self, step: int, batch_size: int, shard: tuple[int, int] = (0, 1)) -> dict:
         n = len(self.files)
         idx = _epoch_indices(n, self.seed, step * batch_size, batch_size, self.train)
@@ -292,7 +323,10 @@ class TfdsSource:
                 "or use --config.data.source=folder:/path/to/images or sample_photos"
             ) from None
 
-    def batches(self, batch_size: int, start_step: int, shard: tuple[int, int]) -> Iterator:
+    def batches(
+        self, batch_size: int, start_step: int, shard: tuple[int, int], one_pass: bool = False
+    ) -> Iterator:
+        """Batches of this process's shard; ``one_pass``: every example once, in order."""
         tf, size = self.tf, self.image_size
         local = batch_size // shard[1]
 
@@ -306,11 +340,51 @@ class TfdsSource:
             return {"image": img, "label": label}
 
         ds = self.ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE)
-        if self.train:
+        if self.train and not one_pass:
             ds = ds.shuffle(10_000, seed=self.seed).repeat()
-        ds = ds.batch(local, drop_remainder=True).skip(start_step if self.train else 0)
+        ds = ds.batch(local, drop_remainder=not one_pass)
+        ds = ds.skip(start_step if self.train and not one_pass else 0)
         for b in ds.prefetch(2).as_numpy_iterator():
             yield {"image": _fit_channels(b["image"], self.channels), "label": b["label"]}
+
+
+class TokenSource:
+    """Token grids exported by ``sample.py --mode tokens`` (a manifest.json and .npz shards).
+
+    Batches are ``{"tokens": int32 (B, h, w), "label": int32 (B,)}``; ``val_fraction`` of
+    the examples (a fixed random subset) are held out.
+    """
+
+    def __init__(self, root: str, seed: int = 0, train: bool = True, val_fraction: float = 0.02):
+        root_path = Path(root).expanduser()
+        manifest = root_path / "manifest.json"
+        if not manifest.is_file():
+            raise DataError(f"tokens source: no manifest.json in {root_path} (export first)")
+        self.manifest = json.loads(manifest.read_text())
+        tokens, labels = [], []
+        for shard in self.manifest["shards"]:
+            with np.load(root_path / shard["file"]) as z:
+                tokens.append(z["tokens"])
+                labels.append(z["labels"])
+        tokens, labels = np.concatenate(tokens), np.concatenate(labels)
+        held = _rng(0, 99).random(len(tokens)) < val_fraction
+        keep = ~held if train else held
+        if not keep.any():
+            raise DataError(f"tokens source: no {'training' if train else 'held-out'} examples")
+        self.tokens, self.labels = tokens[keep].astype(np.int32), labels[keep].astype(np.int32)
+        self.seed, self.train = seed, train
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.tokens)
+
+    def batch(self, step: int, batch_size: int, shard: tuple[int, int] = (0, 1)) -> dict:
+        idx = _epoch_indices(len(self.tokens), self.seed, step * batch_size, batch_size, self.train)
+        idx = np.array_split(idx, shard[1])[shard[0]]
+        return {"tokens": self.tokens[idx], "label": self.labels[idx]}
+
+    def take(self, idx: np.ndarray) -> dict:
+        return {"tokens": self.tokens[idx], "label": self.labels[idx]}
 
 
 def make_source(
@@ -338,6 +412,8 @@ def make_source(
             raise DataError("the arrays source needs arrays=(images, labels)")
         images, labels = arrays
         return ArraySource(np.asarray(images), labels, image_size, channels, seed, train)
+    if kind == "tokens":
+        return TokenSource(rest, seed, train, val_fraction)
     if kind == "tfds":
         name, _, split = rest.partition(":")
         if not name:
@@ -345,7 +421,8 @@ def make_source(
         split = split or ("train" if train else "test")
         return TfdsSource(name, split, image_size, channels, seed, train, data_dir, download)
     raise DataError(
-        f"unknown data source {spec!r}: use sample_photos, folder:PATH, tfds:NAME[:SPLIT] or arrays"
+        f"unknown data source {spec!r}: use sample_photos, folder:PATH, tfds:NAME[:SPLIT], "
+        "tokens:PATH or arrays"
     )
 
 
@@ -357,6 +434,16 @@ def host_batches(source, batch_size: int, start_step: int = 0) -> Iterator[dict]
     else:
         it = (source.batch(s, batch_size, shard) for s in _count(start_step))
     return _prefetch(it, size=2)
+
+
+def one_pass(source, batch_size: int) -> Iterator[dict]:
+    """Every example of ``source`` once (centre crops; the last batch may be smaller)."""
+    if isinstance(source, TfdsSource):
+        yield from source.batches(batch_size, 0, (0, 1), one_pass=True)
+        return
+    n = source.num_examples
+    for start in range(0, n, batch_size):
+        yield source.take(np.arange(start, min(n, start + batch_size)))
 
 
 def _count(start: int) -> Iterator[int]:
@@ -398,7 +485,12 @@ def _prefetch(it: Iterator, size: int) -> Iterator:
         stop.set()
 
 
-def global_batches(source, batch_size: int, sharding, start_step: int = 0) -> Iterator[dict]:
-    """Global jax.Arrays laid out by ``sharding`` (batch axis first) from every process."""
-    for local in host_batches(source, batch_size, start_step):
+def to_global(host: Iterator[dict], sharding) -> Iterator[dict]:
+    """Each process's host batches -> global jax.Arrays laid out by ``sharding``."""
+    for local in host:
         yield {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def global_batches(source, batch_size: int, sharding, start_step: int = 0) -> Iterator[dict]:
+    """Global batches (batch axis first, laid out by ``sharding``) from every process."""
+    return to_global(host_batches(source, batch_size, start_step), sharding)

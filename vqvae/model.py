@@ -13,6 +13,16 @@ from vqvae.quantizer import VectorQuantizer
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def to_model_range(images: jax.Array) -> jax.Array:
+    """uint8 images (B, H, W, C) -> float32 in [-0.5, 0.5], the training range."""
+    return images.astype(jnp.float32) / 255.0 - 0.5
+
+
+def to_uint8(x: jax.Array) -> jax.Array:
+    """Training range -> uint8 images, clipped."""
+    return jnp.clip(jnp.round((x + 0.5) * 255.0), 0, 255).astype(jnp.uint8)
+
+
 @dataclasses.dataclass(frozen=True)
 class VQVAEConfig:
     """Everything needed to rebuild the model; stored in every checkpoint."""

@@ -25,7 +25,7 @@ from PIL import Image
 
 from vqvae import data as data_lib
 from vqvae.checkpoint import Checkpoints
-from vqvae.model import VQVAEConfig, vqvae_loss
+from vqvae.model import VQVAEConfig, to_model_range, to_uint8, vqvae_loss
 from vqvae.quantizer import codebook_health
 from vqvae.sharding import batch_sharding, check_batch_size, make_mesh, replicated, state_shardings
 
@@ -34,16 +34,6 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def to_model_range(images: jax.Array) -> jax.Array:
-    """uint8 images (B, H, W, C) -> float32 in [-0.5, 0.5], the training range."""
-    return images.astype(jnp.float32) / 255.0 - 0.5
-
-
-def to_uint8(x: jax.Array) -> jax.Array:
-    """Training range -> uint8 images, clipped."""
-    return jnp.clip(jnp.round((x + 0.5) * 255.0), 0, 255).astype(jnp.uint8)
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
@@ -67,19 +57,21 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
     return opt
 
 
-def make_train_step(graphdef, tx, data_variance: float):
-    """The pure step: (state, batch) -> (state, metrics). state: params, rest, opt, step."""
+def make_train_step(graphdef, tx, loss_fn):
+    """The pure step: (state, batch) -> (state, metrics). state: params, rest, opt, step.
+
+    ``loss_fn(model, batch) -> (loss, metrics)`` may update the model's non-parameter state
+    (the EMA codebook); that state is carried out of the step.
+    """
 
     def train_step(state, batch):
-        x = to_model_range(batch["image"])  # (B, H, W, C)
-
-        def loss_fn(params):
+        def loss(params):
             # copy: fresh Variables in this trace, so the EMA update may write to them
             model = nnx.merge(graphdef, params, state["rest"], copy=True)
-            loss, metrics = vqvae_loss(model, x, train=True, data_variance=data_variance)
-            return loss, (nnx.state(model, nnx.Not(nnx.Param)), metrics)
+            value, metrics = loss_fn(model, batch)
+            return value, (nnx.state(model, nnx.Not(nnx.Param)), metrics)
 
-        grads, (rest, metrics) = jax.grad(loss_fn, has_aux=True)(state["params"])
+        grads, (rest, metrics) = jax.grad(loss, has_aux=True)(state["params"])
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
@@ -87,6 +79,16 @@ def make_train_step(graphdef, tx, data_variance: float):
         return new, metrics
 
     return train_step
+
+
+def vqvae_batch_loss(data_variance: float):
+    """loss_fn for make_train_step: the VQ-VAE loss on a batch of uint8 images."""
+
+    def loss_fn(model, batch):
+        x = to_model_range(batch["image"])  # (B, H, W, C)
+        return vqvae_loss(model, x, train=True, data_variance=data_variance)
+
+    return loss_fn
 
 
 def make_eval_step(graphdef):
@@ -167,13 +169,20 @@ def _finite(metrics: dict[str, float]) -> bool:
 
 
 class Trainer:
-    """Builds sharded state from a config, restores the latest checkpoint, runs the loop."""
+    """Builds sharded state from a config, restores the latest checkpoint, runs the loop.
+
+    This one trains the VQ-VAE; a subclass trains another model by overriding the hooks
+    ``_model_config``, ``_data_stats``, ``loss_fn``, ``_train_batches``, ``evaluate`` and
+    ``_meta``.
+    """
+
+    kind = "vqvae"
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, arrays=None):
         self.config, self.arrays = config, arrays
         self.workdir = Path(workdir).expanduser()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.model_config = VQVAEConfig.from_dict(dict(config.model))
+        self.model_config = self._model_config()
         self.mesh = make_mesh(config.get("num_devices") or None)
         check_batch_size(config.batch_size, self.mesh)
         self.tx = make_optimizer(config.optim, config.steps)
@@ -197,9 +206,26 @@ class Trainer:
         )
         self.init_state = jax.jit(init, out_shardings=self.shardings)
 
+    # --- hooks -------------------------------------------------------------------------
+    def _model_config(self):
+        """The model's config dataclass (``build(rngs)``, ``to_dict()``)."""
+        return VQVAEConfig.from_dict(dict(self.config.model))
+
+    def loss_fn(self, data_variance: float):
+        scale = data_variance if self.config.loss.normalize_by_variance else 1.0
+        return vqvae_batch_loss(scale)
+
+    def _train_batches(self, start: int):
+        """Global sharded training batches from step ``start`` on."""
+        source = self._source(train=True)
+        return data_lib.global_batches(
+            source, self.config.batch_size, batch_sharding(self.mesh), start
+        )
+
     # --- state -------------------------------------------------------------------------
     def _meta(self, data_variance: float) -> dict[str, Any]:
         return {
+            "kind": self.kind,
             "model": self.model_config.to_dict(),
             "config": self.config.to_dict(),
             "data_variance": data_variance,
@@ -214,7 +240,7 @@ class Trainer:
         """The latest checkpoint's state (and data variance), or fresh state."""
         step = self.ckpt.latest_step()
         if step is None:
-            return self.init_state(), self._data_variance()
+            return self.init_state(), self._data_stats()
         if self.ckpt.meta(step)["model"] != self.model_config.to_dict():
             raise ValueError(
                 f"{self.workdir} holds a checkpoint of a different model; use a new --workdir"
@@ -228,7 +254,7 @@ class Trainer:
         log.info("resumed from step %d", step)
         return {**model, **train}, float(meta["data_variance"])
 
-    def _data_variance(self, batches: int = 8, batch_size: int = 256) -> float:
+    def _data_stats(self, batches: int = 8, batch_size: int = 256) -> float:
         """Pixel variance of a few thousand training images, for the normalised MSE."""
         src = self._source(train=True)
         n = total = total_sq = 0.0
@@ -254,9 +280,8 @@ class Trainer:
 
     def compile_step(self, data_variance: float):
         """The train step, jitted with this mesh's shardings; the input state is donated."""
-        scale = data_variance if self.config.loss.normalize_by_variance else 1.0
         return jax.jit(
-            make_train_step(self.graphdef, self.tx, scale),
+            make_train_step(self.graphdef, self.tx, self.loss_fn(data_variance)),
             in_shardings=(self.shardings, batch_sharding(self.mesh)),
             out_shardings=(self.shardings, replicated(self.mesh)),
             donate_argnums=0,
@@ -272,10 +297,7 @@ class Trainer:
         state, data_variance = self.restore_or_init()
         self.data_variance = data_variance
         start = int(state["step"])
-        train_source = self._source(train=True)
-        batches = data_lib.global_batches(
-            train_source, cfg.batch_size, batch_sharding(self.mesh), start
-        )
+        batches = self._train_batches(start)
         step_fn = self.compile_step(data_variance)
         meta = self._meta(data_variance)
         metrics_log = MetricsLog(self.workdir, cfg.get("tensorboard", True))

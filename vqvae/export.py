@@ -1,0 +1,129 @@
+"""Export token grids of a whole data source, and the codebook, for downstream models.
+
+A token export is a folder that plain NumPy reads, with no need for this package:
+
+    manifest.json          vocab_size, grid_shape, num_examples, shards, codebook_sha256, ...
+    tokens-00000.npz       tokens int32 (n, h, w), labels int32 (n,) (-1: no label)
+    codebook.npy           the code vectors (K, D) float32 (also in codebook.npz)
+
+It is written to a temporary folder and renamed into place when complete, so an
+interrupted export never leaves a folder that looks finished.
+"""
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vqvae import data as data_lib
+from vqvae.tokenizer import Tokenizer
+
+FORMAT = "vqvae-tokens-1"
+
+
+def _staging(out: Path) -> Path:
+    out = out.expanduser()
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose a new --out or remove it")
+    tmp = out.parent / f".{out.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by an interrupted export
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_codebook(tokenizer: Tokenizer, folder: Path) -> dict:
+    """codebook.npy and codebook.npz (codebook, sha256) in ``folder``; returns their facts."""
+    codebook = tokenizer.codebook
+    np.save(folder / "codebook.npy", codebook)
+    np.savez(folder / "codebook.npz", codebook=codebook, sha256=tokenizer.codebook_sha256())
+    return {"shape": list(codebook.shape), "sha256": tokenizer.codebook_sha256()}
+
+
+def export_codebook(tokenizer: Tokenizer, out: str | Path) -> Path:
+    """A folder holding only the codebook files (and a small manifest)."""
+    out = Path(out)
+    tmp = _staging(out)
+    facts = write_codebook(tokenizer, tmp)
+    (tmp / "manifest.json").write_text(json.dumps({"codebook": facts}, indent=2))
+    tmp.rename(out)
+    return out
+
+
+def export_tokens(
+    tokenizer: Tokenizer,
+    source_spec: str,
+    out: str | Path,
+    *,
+    split: str = "train",
+    batch_size: int = 256,
+    shard_size: int = 50_000,
+    val_fraction: float = 0.02,
+    log=None,
+) -> dict:
+    """Encode every example of a source once into token shards; returns the manifest."""
+    log = log or (lambda line: print(line, file=sys.stderr))
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    out = Path(out).expanduser()
+    source = data_lib.make_source(
+        source_spec,
+        image_size=tokenizer.image_size,
+        channels=tokenizer.channels,
+        train=split == "train",
+        val_fraction=val_fraction,
+    )
+    tmp = _staging(out)
+    shards, pending, done, t0, shown = [], [], 0, time.time(), 0.0
+    total = source.num_examples
+
+    def flush():
+        tokens = np.concatenate([t for t, _ in pending])
+        labels = np.concatenate([lab for _, lab in pending])
+        name = f"tokens-{len(shards):05d}.npz"
+        np.savez(tmp / name, tokens=tokens, labels=labels)
+        shards.append({"file": name, "num_examples": int(len(tokens))})
+        pending.clear()
+
+    try:
+        for batch in data_lib.one_pass(source, batch_size):
+            if not len(batch["image"]):
+                continue
+            pending.append((tokenizer.encode(batch["image"]), batch["label"].astype(np.int32)))
+            done += len(batch["image"])
+            if sum(len(t) for t, _ in pending) >= shard_size:
+                flush()
+            now = time.time()
+            if now - shown > 2 or done >= total:
+                log(f"tokens: {done}/{total} images, {done / max(now - t0, 1e-9):,.0f} img/s")
+                shown = now
+        if pending:
+            flush()
+        if not shards:
+            raise ValueError(f"source {source_spec} gave no images to export")
+        labels = np.concatenate([np.load(tmp / s["file"])["labels"] for s in shards])
+        manifest = {
+            "format": FORMAT,
+            "vocab_size": tokenizer.vocab_size,
+            "grid_shape": list(tokenizer.grid_shape()),
+            "image_size": tokenizer.image_size,
+            "num_examples": int(sum(s["num_examples"] for s in shards)),
+            "has_labels": bool((labels >= 0).any()),
+            "num_classes": int(labels.max()) + 1 if (labels >= 0).any() else 0,
+            "source": source_spec,
+            "split": split,
+            "skipped_files": sorted(getattr(source, "skipped", ())),
+            "tokenizer": str(tokenizer.workdir or ""),
+            "codebook": write_codebook(tokenizer, tmp),
+            "shards": shards,
+            "seconds": round(time.time() - t0, 2),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest

@@ -1,0 +1,211 @@
+"""A decoder-only transformer prior over token grids, and autoregressive sampling.
+
+The grid (h, w) is flattened in raster order to L = h*w tokens. The input at position 0 is
+a start token (one per class when class-conditional, plus an unconditional one), then the
+tokens shifted right; the output at position t predicts token t. Sampling runs one position
+at a time with a key/value cache, so each new token costs one position's work.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorConfig:
+    """Everything needed to rebuild the prior; stored in its checkpoints."""
+
+    vocab_size: int = 256
+    grid: tuple[int, int] = (8, 8)
+    num_classes: int = 0  # 0: unconditional
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: int = 4
+
+    def __post_init__(self):
+        object.__setattr__(self, "grid", tuple(self.grid))
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.vocab_size < 2 or min(self.grid) < 1:
+            raise ValueError("the prior needs vocab_size >= 2 and a non-empty grid")
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["grid"] = list(self.grid)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PriorConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown prior config keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def build(self, rngs: nnx.Rngs) -> "Prior":
+        return Prior(
+            vocab_size=self.vocab_size,
+            seq_len=self.seq_len,
+            num_classes=self.num_classes,
+            width=self.width,
+            depth=self.depth,
+            heads=self.heads,
+            mlp_ratio=self.mlp_ratio,
+            rngs=rngs,
+        )
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q (B, Q, H, d), k/v (B, K, H, d), mask (Q, K) bool -> (B, Q, H, d)."""
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    scores = jnp.where(mask, scores, -1e30)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: causal self-attention and an MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int, *, rngs: nnx.Rngs):
+        self.heads = heads
+        self.norm1 = nnx.LayerNorm(width, rngs=rngs)
+        self.qkv = nnx.Linear(width, 3 * width, rngs=rngs)
+        self.out = nnx.Linear(width, width, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(width, rngs=rngs)
+        self.up = nnx.Linear(width, mlp_ratio * width, rngs=rngs)
+        self.down = nnx.Linear(mlp_ratio * width, width, rngs=rngs)
+
+    def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        b, n, w = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, w // self.heads)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, n, H, d)
+
+    def _finish(self, x: jax.Array, attended: jax.Array) -> jax.Array:
+        x = x + self.out(attended.reshape(x.shape))
+        return x + self.down(jax.nn.gelu(self.up(self.norm2(x))))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Whole sequence x (B, L, W) -> (B, L, W), causal."""
+        q, k, v = self._qkv(x)
+        n = x.shape[1]
+        mask = jnp.tril(jnp.ones((n, n), bool))
+        return self._finish(x, attend(q, k, v, mask))
+
+    def step(self, x: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        """One position x (B, 1, W) at ``pos`` with cache k/v (B, L, H, d) -> (B, 1, W)."""
+        q, k, v = self._qkv(x)
+        k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k, pos, axis=1)
+        v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v, pos, axis=1)
+        mask = (jnp.arange(k_all.shape[1]) <= pos)[None, :]  # (1, L)
+        return self._finish(x, attend(q, k_all, v_all, mask)), {"k": k_all, "v": v_all}
+
+
+class Prior(nnx.Module):
+    """p(tokens | class) = prod_t p(token_t | tokens_<t, class) over L = h*w positions."""
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        seq_len: int,
+        num_classes: int,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: int,
+        rngs: nnx.Rngs,
+    ):
+        self.vocab_size, self.seq_len, self.num_classes = vocab_size, seq_len, num_classes
+        self.width, self.heads = width, heads
+        # rows: the vocabulary, the unconditional start token, one start token per class
+        self.embed = nnx.Embed(vocab_size + 1 + num_classes, width, rngs=rngs)
+        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (seq_len, width)))
+        self.blocks = nnx.List([Block(width, heads, mlp_ratio, rngs=rngs) for _ in range(depth)])
+        self.norm = nnx.LayerNorm(width, rngs=rngs)
+        self.head = nnx.Linear(width, vocab_size, rngs=rngs)
+
+    def start_tokens(self, labels: jax.Array) -> jax.Array:
+        """labels (B,) (-1: none) -> start token ids (B,)."""
+        if self.num_classes == 0:
+            return jnp.full(labels.shape, self.vocab_size, jnp.int32)
+        return jnp.where(labels >= 0, self.vocab_size + 1 + labels, self.vocab_size)
+
+    def __call__(self, tokens: jax.Array, labels: jax.Array) -> jax.Array:
+        """tokens (B, L) int, labels (B,) -> logits (B, L, V) predicting each token."""
+        start = self.start_tokens(labels)[:, None]  # (B, 1)
+        inputs = jnp.concatenate([start, tokens[:, :-1]], axis=1)  # (B, L)
+        x = self.embed(inputs) + self.pos[...]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)).astype(jnp.float32)
+
+    def init_cache(self, batch: int) -> list[dict]:
+        d = self.width // self.heads
+        zeros = jnp.zeros((batch, self.seq_len, self.heads, d), jnp.float32)
+        return [{"k": zeros, "v": zeros} for _ in self.blocks]
+
+    def step(self, token: jax.Array, pos: jax.Array, cache: list[dict]):
+        """Input token (B,) at position ``pos`` -> logits (B, V) for that position, new cache."""
+        x = self.embed(token)[:, None] + self.pos[pos][None, None]  # (B, 1, W)
+        new = []
+        for block, c in zip(self.blocks, cache, strict=True):
+            x, c = block.step(x, pos, c)
+            new.append(c)
+        return self.head(self.norm(x))[:, 0].astype(jnp.float32), new
+
+
+def prior_loss(model: Prior, tokens: jax.Array, labels: jax.Array):
+    """Mean cross-entropy in nats per token; tokens (B, h, w) or (B, L)."""
+    tokens = tokens.reshape(tokens.shape[0], -1)
+    logits = model(tokens, labels)
+    nats = optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
+    return nats, {"loss": nats, "bits_per_token": nats / math.log(2)}
+
+
+def _pick(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
+    """Sample ids (B,) from logits (B, V) at ``temperature``, keeping the ``top_k`` best."""
+    logits = logits / max(temperature, 1e-6)
+    if 0 < top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # (B, 1)
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits).astype(jnp.int32)
+
+
+def sample(
+    model: Prior,
+    key: jax.Array,
+    labels: jax.Array,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    cached: bool = True,
+) -> jax.Array:
+    """Token sequences (B, L) for labels (B,) (-1: unconditional). Position t uses the key
+    ``fold_in(key, t)``, so cached and uncached sampling give the same tokens."""
+    b, n = labels.shape[0], model.seq_len
+    tokens = jnp.zeros((b, n), jnp.int32)
+
+    if cached:
+
+        def body(t, carry):
+            tokens, prev, cache = carry
+            logits, cache = model.step(prev, t, cache)
+            new = _pick(logits, jax.random.fold_in(key, t), temperature, top_k)
+            return tokens.at[:, t].set(new), new, cache
+
+        init = (tokens, model.start_tokens(labels), model.init_cache(b))
+        return jax.lax.fori_loop(0, n, body, init)[0]
+
+    def full(t, tokens):  # recompute the whole prefix every step: quadratic, for checking
+        logits = model(tokens, labels)[:, t]
+        return tokens.at[:, t].set(_pick(logits, jax.random.fold_in(key, t), temperature, top_k))
+
+    return jax.lax.fori_loop(0, n, full, tokens)

@@ -1,0 +1,167 @@
+"""A trained VQ-VAE as an image tokenizer: images <-> int32 token grids, from a checkpoint.
+
+    tok = Tokenizer.load("workdir/default")      # or workdir/default/checkpoints/1500
+    tokens = tok.encode(images)                  # uint8 (B, H, W, C) -> int32 (B, h, w)
+    images = tok.decode(tokens)                  # -> uint8 (B, H, W, C)
+
+Any batch size: batches are padded up to one of a few bucket sizes (and split above the
+largest), so only a handful of programs are ever compiled.
+"""
+
+import hashlib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vqvae.checkpoint import CheckpointError, load_model
+from vqvae.model import VQVAE, to_model_range, to_uint8
+
+BUCKETS = (1, 8, 64, 256)
+
+
+def _resolve(path: str | Path) -> tuple[Path, int | None]:
+    """A workdir, or one checkpoint step folder inside it -> (workdir, step or None)."""
+    path = Path(path).expanduser()
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        return path.parent.parent, int(path.name)
+    return path, None
+
+
+def _buckets(n: int) -> list[tuple[int, int]]:
+    """Split n items into (start, padded size) chunks of bucket sizes."""
+    out, start, top = [], 0, BUCKETS[-1]
+    while start < n:
+        rest = n - start
+        size = top if rest >= top else next(b for b in BUCKETS if b >= rest)
+        out.append((start, size))
+        start += min(size, rest)
+    return out
+
+
+def _pad_to(x: np.ndarray, size: int) -> np.ndarray:
+    if len(x) == size:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
+
+
+class Tokenizer:
+    """Encode images to token grids and decode them back with a trained VQ-VAE."""
+
+    def __init__(self, model: VQVAE, meta: dict, workdir: Path | None = None):
+        self.meta, self.workdir = meta, workdir
+        self.config = meta["model"]
+        graphdef, self._state = nnx.split(model)
+        self._encode = jax.jit(
+            lambda state, x: nnx.merge(graphdef, state).encode_to_indices(to_model_range(x))
+        )
+        self._decode = jax.jit(
+            lambda state, t: to_uint8(nnx.merge(graphdef, state).decode_indices(t))
+        )
+        self._encode_float = jax.jit(
+            lambda state, x: nnx.merge(graphdef, state).encode_to_indices(x)
+        )
+        self._codebook = np.asarray(model.quantizer.codes())
+
+    @classmethod
+    def load(cls, path: str | Path, step: int | None = None) -> "Tokenizer":
+        """From a training workdir (latest checkpoint) or a ``checkpoints/STEP`` folder."""
+        workdir, found = _resolve(path)
+        if not workdir.is_dir():
+            raise CheckpointError(f"no tokenizer at {path}: {workdir} does not exist")
+        model, meta = load_model(workdir, step if step is not None else found)
+        return cls(model, meta, workdir.resolve())
+
+    # --- properties --------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config["num_codes"])
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** len(self.config["channel_mult"])
+
+    @property
+    def image_size(self) -> int:
+        """The size it was trained at (any multiple of ``downsample_factor`` works)."""
+        return int(self.config["image_size"])
+
+    @property
+    def channels(self) -> int:
+        return int(self.config["channels"])
+
+    @property
+    def codebook(self) -> np.ndarray:
+        """The code vectors (K, D) float32, as the decoder sees them."""
+        return self._codebook
+
+    def codebook_sha256(self) -> str:
+        return hashlib.sha256(self._codebook.tobytes()).hexdigest()
+
+    def grid_shape(self, image_size: int | tuple[int, int] | None = None) -> tuple[int, int]:
+        """Token grid (h, w) of an image of ``image_size`` (default: the training size)."""
+        size = self.image_size if image_size is None else image_size
+        h, w = (size, size) if isinstance(size, int) else size
+        self._check_size(h, w)
+        return h // self.downsample_factor, w // self.downsample_factor
+
+    # --- encode / decode ---------------------------------------------------------------
+    def _check_size(self, h: int, w: int) -> None:
+        f = self.downsample_factor
+        if h % f or w % f:
+            raise ValueError(
+                f"image size {h}x{w} is not divisible by the tokenizer's downsampling factor {f}"
+            )
+
+    def _check_images(self, images) -> np.ndarray:
+        images = np.asarray(images)
+        if images.ndim != 4:
+            raise ValueError(f"images must be (B, H, W, C), got shape {images.shape}")
+        if images.shape[-1] != self.channels:
+            raise ValueError(
+                f"images have {images.shape[-1]} channels; the tokenizer takes {self.channels}"
+            )
+        self._check_size(*images.shape[1:3])
+        if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
+            raise ValueError(
+                f"images must be uint8 (0..255) or float in [-0.5, 0.5], got {images.dtype}"
+            )
+        return images
+
+    def encode(self, images) -> np.ndarray:
+        """uint8 (0..255) or float (training range [-0.5, 0.5]) images (B, H, W, C)
+        -> int32 tokens (B, H/f, W/f)."""
+        images = self._check_images(images)
+        fn = self._encode if images.dtype == np.uint8 else self._encode_float
+        if images.dtype != np.uint8:
+            images = images.astype(np.float32)
+        return self._batched(fn, images)
+
+    def decode(self, tokens) -> np.ndarray:
+        """int tokens (B, h, w) in [0, vocab_size) -> uint8 images (B, h*f, w*f, C)."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 3:
+            raise ValueError(f"tokens must be (B, h, w), got shape {tokens.shape}")
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(
+                f"token ids must be in [0, {self.vocab_size}), got {tokens.min()}..{tokens.max()}"
+            )
+        return self._batched(self._decode, tokens.astype(np.int32))
+
+    def reconstruct(self, images) -> np.ndarray:
+        """decode(encode(images)): the model's reconstruction as uint8."""
+        return self.decode(self.encode(images))
+
+    def _batched(self, fn, x: np.ndarray) -> np.ndarray:
+        if len(x) == 0:
+            raise ValueError("got an empty batch")
+        parts = []
+        for start, size in _buckets(len(x)):
+            chunk = x[start : start + size]
+            out = fn(self._state, jnp.asarray(_pad_to(chunk, size)))
+            parts.append(np.asarray(out)[: len(chunk)])
+        return np.concatenate(parts)
