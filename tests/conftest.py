@@ -13,3 +13,31 @@ _CACHE = str(Path(__file__).resolve().parent.parent / ".cache" / "jax-tests")
 os.environ.setdefault("VQVAE_JAX_CACHE", _CACHE)  # read by vqvae.runtime.setup()
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+import pytest  # noqa: E402  (after the environment above)
+
+
+def config(**overrides):
+    """The tiny config without TensorBoard, with dotted-key overrides."""
+    from configs import tiny
+
+    c = tiny.get_config()
+    c.tensorboard = False
+    for k, v in overrides.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+@pytest.fixture(scope="session")
+def trained10(tmp_path_factory):
+    """A tiny tokenizer workdir trained for 10 steps (checkpoint 10); copy it to change it."""
+    from vqvae.trainer import Trainer
+
+    workdir = tmp_path_factory.mktemp("trained10")
+    Trainer(config(steps=10), workdir).train()
+    return workdir

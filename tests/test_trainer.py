@@ -8,23 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
 from vqvae.checkpoint import Checkpoints, load_model
 from vqvae.data import make_source
 from vqvae.sharding import batch_sharding
 from vqvae.trainer import Trainer, TrainingDiverged, make_optimizer
 
-
-def config(**overrides):
-    c = tiny.get_config()
-    c.tensorboard = False
-    for k, v in overrides.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+from .conftest import config
 
 
 def _steps(trainer, n, batches):
@@ -68,14 +57,6 @@ def test_sharded_step_equals_single_device_step(tmp_path, fsdp):
 def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="batch_size 12 is not divisible by the 8 devices"):
         Trainer(config(batch_size=12), tmp_path)
-
-
-@pytest.fixture(scope="module")
-def trained10(tmp_path_factory):
-    """A workdir trained for 10 steps (checkpoint 10); copy it before changing it."""
-    workdir = tmp_path_factory.mktemp("trained10")
-    Trainer(config(steps=10), workdir).train()
-    return workdir
 
 
 def test_resume_continues_exactly_and_logs(trained10, tmp_path):
