@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 SCRIPT = textwrap.dedent(
     """
@@ -21,7 +22,7 @@ SCRIPT = textwrap.dedent(
     z = jax.random.normal(jax.random.key(0), (n, 8))
     e = jax.random.normal(jax.random.key(1), (k, 8))
     z.block_until_ready(); e.block_until_ready()
-    f = jax.jit(nearest_codes).lower(z, e).compile()
+    f = jax.jit(lambda z, e: nearest_codes(z, e, precision=PRECISION)).lower(z, e).compile()
     base, peak, done = rss(), [0], False  # before the first run: nothing is cached yet
 
     def watch():
@@ -41,9 +42,11 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_65536_by_65536_assignment_runs_in_under_1gb_extra_memory():
+@pytest.mark.parametrize("precision", ["highest", "rerank"])
+def test_65536_by_65536_assignment_runs_in_under_1gb_extra_memory(precision):
+    script = f"PRECISION = {precision!r}\n" + SCRIPT
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, check=True
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=True
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     # The full float32 distance matrix would be 16 GiB.

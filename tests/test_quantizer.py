@@ -68,6 +68,30 @@ def test_nearest_codes_faster_precision_is_an_option():
         nearest_codes(z, e, precision="fp8")
 
 
+@pytest.mark.parametrize("tile,block", [(2**24, 4096), (2**12, 96)])
+def test_rerank_assignment_equals_float64_brute_force(tile, block):
+    kz, ke, kn = jax.random.split(jax.random.key(7), 3)
+    # a hard case for low precision: far from the origin, codes in tight clusters
+    centres = jax.random.normal(ke, (40, 32)) * 4.0 + 10.0
+    codebook = jnp.repeat(centres, 10, axis=0) + 0.02 * jax.random.normal(kn, (400, 32))
+    z = codebook[jax.random.randint(kz, (3000,), 0, 400)] + 0.02 * jax.random.normal(kz, (3000, 32))
+    fn = jax.jit(lambda z, e: nearest_codes(z, e, precision="rerank", tile=tile, code_block=block))
+    idx = np.asarray(fn(z, codebook))
+    assert idx.dtype == np.int32 and idx.shape == (3000,)
+    _, best = brute_force(z, codebook)
+    assert np.mean(idx == best) >= 0.999
+    lowered = np.asarray(nearest_codes(z.astype(jnp.bfloat16), codebook.astype(jnp.bfloat16)))
+    assert np.mean(lowered == best) < 0.99  # bfloat16 inputs alone would not do
+
+
+def test_rerank_breaks_ties_low_and_handles_tiny_codebooks():
+    codebook = jnp.array([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [5.0, 5.0], [1.0, 0.0], [9.0, 9.0]])
+    z = jnp.array([[0.9, 0.0], [0.1, 0.0], [6.0, 6.0]])
+    np.testing.assert_array_equal(nearest_codes(z, codebook, precision="rerank"), [1, 0, 3])
+    small = codebook[:3]  # K <= candidates: the exact path
+    np.testing.assert_array_equal(nearest_codes(z, small, precision="rerank"), [1, 0, 1])
+
+
 def test_code_counts_and_health():
     idx = jnp.array([[0, 2], [2, 2]])
     counts = code_counts(idx, 4)

@@ -15,12 +15,15 @@ from flax import nnx
 
 from vqvae.ste import ste_replace
 
-Precision = Literal["highest", "high", "default"]
+Precision = Literal["highest", "high", "default", "rerank"]
 _PRECISIONS = {
     "highest": jax.lax.Precision.HIGHEST,
     "high": jax.lax.Precision.HIGH,
     "default": jax.lax.Precision.DEFAULT,
+    "rerank": jax.lax.Precision.DEFAULT,  # bfloat16 shortlist, exact float32 re-rank
 }
+# Candidates per vector that the bfloat16 shortlist keeps for the exact re-rank.
+RERANK_CANDIDATES = 4
 # Largest distance tile computed at once, in elements: 2**24 float32 = 64 MiB.
 DEFAULT_TILE = 2**24
 # Codes are scanned in blocks of at most this many; vectors in blocks that fill the tile.
@@ -51,6 +54,12 @@ def nearest_codes(
     is the same for every code of a row), computed in float32 tile by tile with a running
     min/argmin, so extra memory is about ``tile`` floats whatever N and K are (codes are taken
     ``code_block`` at a time). Ties go to the lower index, as with ``argmin``.
+
+    ``precision="rerank"``: the product runs in bfloat16 on centred inputs (distances do not
+    change when codes and vectors move together, and centring shrinks the rounding error) and
+    keeps the best ``RERANK_CANDIDATES`` codes per vector; those few are then compared exactly
+    in float32. The answer differs from the exact one only where the true nearest code falls
+    out of the shortlist.
     """
     if codebook.ndim != 2 or z.shape[-1] != codebook.shape[-1]:
         raise ValueError(
@@ -65,19 +74,11 @@ def nearest_codes(
     n, k = z.shape[0], e.shape[0]
     if n == 0:
         return jnp.zeros(lead, jnp.int32)
+    if precision == "rerank" and k > RERANK_CANDIDATES:
+        idx = _shortlist_rerank(z, e, tile, code_block)
+        return idx.reshape(lead)
 
-    bk = max(1, min(k, code_block, tile))
-    bn = max(1, min(n, tile // bk))
-    kp, np_ = _ceil_to(k, bk), _ceil_to(n, bn)
-    nb = np_ // bn
-    # Padded codes get infinite norm so they never win; padded vectors are sliced off.
-    e_sq = jnp.pad(jnp.sum(e * e, axis=-1), (0, kp - k), constant_values=jnp.inf)  # (Kp,)
-    e_blocks = jnp.pad(e, ((0, kp - k), (0, 0))).reshape(kp // bk, bk, d)  # (Kb, bk, D)
-    e_sq_blocks = e_sq.reshape(kp // bk, bk)  # (Kb, bk)
-    offsets = jnp.arange(0, kp, bk, dtype=jnp.int32)  # (Kb,)
-    # Vector block j holds rows j, j + nb, j + 2 nb, ...: a batch sharded along N stays
-    # spread over every device inside each block instead of landing on one.
-    z_blocks = jnp.pad(z, ((0, np_ - n), (0, 0))).reshape(bn, nb, d).swapaxes(0, 1)  # (nb, bn, D)
+    z_blocks, e_blocks, e_sq_blocks, offsets = _blocks(z, e, tile, code_block)
     prec = _PRECISIONS[precision]
 
     def assign_block(zb: jax.Array) -> jax.Array:  # (bn, D) -> (bn,)
@@ -95,7 +96,66 @@ def nearest_codes(
         return best_i
 
     idx = jax.lax.map(assign_block, z_blocks)  # (nb, bn)
-    return idx.swapaxes(0, 1).reshape(-1)[:n].reshape(lead)
+    return _unblock(idx, n).reshape(lead)
+
+
+def _blocks(z: jax.Array, e: jax.Array, tile: int, code_block: int):
+    """Padded block layout shared by the assignment kernels.
+
+    Returns (z_blocks (nb, bn, D), e_blocks (Kb, bk, D), e_sq_blocks (Kb, bk), offsets (Kb,)).
+    Vector block j holds rows j, j + nb, j + 2 nb, ...: a batch sharded along N stays spread
+    over every device inside each block. Padded codes get infinite norm so they never win.
+    """
+    (n, d), k = z.shape, e.shape[0]
+    bk = max(1, min(k, code_block, tile))
+    bn = max(1, min(n, tile // bk))
+    kp, np_ = _ceil_to(k, bk), _ceil_to(n, bn)
+    nb = np_ // bn
+    e_sq = jnp.pad(jnp.sum(e * e, axis=-1), (0, kp - k), constant_values=jnp.inf)  # (Kp,)
+    e_blocks = jnp.pad(e, ((0, kp - k), (0, 0))).reshape(kp // bk, bk, d)
+    offsets = jnp.arange(0, kp, bk, dtype=jnp.int32)
+    z_blocks = jnp.pad(z, ((0, np_ - n), (0, 0))).reshape(bn, nb, d).swapaxes(0, 1)
+    return z_blocks, e_blocks, e_sq.reshape(kp // bk, bk), offsets
+
+
+def _unblock(idx: jax.Array, n: int) -> jax.Array:
+    """(nb, bn) block results -> (n,) in the original row order."""
+    return idx.swapaxes(0, 1).reshape(-1)[:n]
+
+
+def _shortlist_rerank(z: jax.Array, e: jax.Array, tile: int, code_block: int) -> jax.Array:
+    """z (N, D), e (K, D) -> (N,): bfloat16 shortlist of a few codes, exact float32 choice."""
+    c = RERANK_CANDIDATES
+    centre = jnp.mean(e, axis=0)
+    zc, ec = z - centre, e - centre  # same distances, smaller numbers
+    # |e|^2 of the *rounded* codes: the shortlist then ranks exact distances between rounded
+    # points, whose error 2 (e - z) . de is small exactly where it matters, near the codes.
+    e_lo32 = ec.astype(jnp.bfloat16).astype(jnp.float32)
+    z_blocks, e_blocks, e_sq_blocks, offsets = _blocks(zc, e_lo32, tile, code_block)
+    e_lo = e_blocks.astype(jnp.bfloat16)
+
+    def assign_block(zb: jax.Array) -> jax.Array:  # (bn, D) -> (bn,)
+        zb_lo = zb.astype(jnp.bfloat16)
+
+        def scan_codes(carry, block):
+            best_d, best_i = carry  # (bn, c) shortlist so far
+            eb, eb_sq, offset = block
+            prod = jnp.dot(zb_lo, eb.T, preferred_element_type=jnp.float32)  # (bn, bk)
+            dist = eb_sq[None, :] - 2.0 * prod
+            neg, i = jax.lax.top_k(-dist, min(c, dist.shape[1]))
+            all_d = jnp.concatenate([best_d, -neg], axis=1)
+            all_i = jnp.concatenate([best_i, i.astype(jnp.int32) + offset], axis=1)
+            keep_neg, pos = jax.lax.top_k(-all_d, c)
+            return (-keep_neg, jnp.take_along_axis(all_i, pos, axis=1)), None
+
+        bn = zb.shape[0]
+        init = (jnp.full((bn, c), jnp.inf, jnp.float32), jnp.zeros((bn, c), jnp.int32))
+        (_, cand), _ = jax.lax.scan(scan_codes, init, (e_lo, e_sq_blocks, offsets))
+        exact = jnp.sum(jnp.square(zb[:, None, :] - ec[cand]), axis=-1)  # (bn, c) float32
+        tied = exact == jnp.min(exact, axis=1, keepdims=True)
+        return jnp.min(jnp.where(tied, cand, jnp.iinfo(jnp.int32).max), axis=1)
+
+    return _unblock(jax.lax.map(assign_block, z_blocks), z.shape[0])
 
 
 def code_counts(indices: jax.Array, num_codes: int) -> jax.Array:
