@@ -1,0 +1,258 @@
+"""Benchmark suite: training throughput, the nearest-code lookup, memory.
+
+    python benchmarks/run.py [--preset sonnet-cifar|f8-256|all] [--quick] [--json out.json]
+
+Training cases time the package's own train step (``Trainer.compile_step``: one jit with
+shardings and donation) on random uint8 images; the comparison case runs the same loss with
+``@nnx.jit`` on the module and ``nnx.Optimizer``. Lookup cases time ``nearest_codes`` at each
+precision against the naive full-matrix argmin. Times are medians over timed calls after
+warm-up, each ended by ``block_until_ready``. Extra memory is XLA's own figure for the
+compiled program's temporary buffers (any backend); peak device memory where the device
+reports it. FLOPs are analytic (``vqvae.flops``). ``--quick`` shrinks every case to run on
+a CPU in a couple of minutes; it proves the suite runs, not how fast anything is.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # configs/
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs.common import base  # noqa: E402
+from vqvae.flops import count_flops  # noqa: E402
+from vqvae.model import PRESETS, to_model_range, vqvae_loss  # noqa: E402
+from vqvae.quantizer import nearest_codes  # noqa: E402
+from vqvae.sharding import batch_sharding  # noqa: E402
+from vqvae.trainer import Trainer  # noqa: E402
+
+# Dense bfloat16 peak of the device from its data sheet, for MFU (None: unknown).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def device_peak() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_BF16.items() if k in kind), None)
+
+
+def peak_memory() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def timed(fn, *args, warmup: int, iters: int) -> tuple[float, object]:
+    """Median seconds of ``fn(*args)`` over ``iters`` calls after ``warmup`` calls."""
+    out = None
+    for _ in range(warmup):
+        out = jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+# --- training ---------------------------------------------------------------------------
+TRAIN_CASES = {
+    "sonnet-cifar": dict(model=PRESETS["sonnet-cifar"], batch=256),
+    "f8-256": dict(model=PRESETS["f8-256"], batch=32),
+}
+QUICK_TRAIN = {
+    "sonnet-cifar": dict(model=PRESETS["sonnet-cifar"], batch=16),
+    "f8-256": dict(
+        model=PRESETS["f8-256"].replace(image_size=32, base_channels=16, num_codes=512),
+        batch=2,
+    ),
+}
+
+
+def bench_train(name: str, case: dict, warmup: int, iters: int) -> dict:
+    model_cfg, batch_size = case["model"], case["batch"]
+    config = base(model_cfg)
+    config.batch_size, config.steps, config.tensorboard = batch_size, 1000, False
+    n = jax.device_count()
+    batch_size = max(n, batch_size // n * n)
+    config.batch_size = batch_size
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = Trainer(config, workdir)
+    rng = np.random.default_rng(0)
+    size, c = model_cfg.image_size, model_cfg.channels
+    host = {"image": rng.integers(0, 256, (batch_size, size, size, c), dtype=np.uint8)}
+    batch = jax.device_put(host, batch_sharding(trainer.mesh))
+    state = trainer.init_state()
+
+    t0 = time.perf_counter()
+    step = trainer.compile_step(0.06).lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    temp = step.memory_analysis().temp_size_in_bytes if step.memory_analysis() else None
+
+    def run(state):  # donation: each call consumes the state it is given
+        return step(state, batch)[0]
+
+    with jax.set_mesh(trainer.mesh):
+        for _ in range(warmup):
+            state = jax.block_until_ready(run(state))
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            state = jax.block_until_ready(run(state))
+            times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+
+    flops = _train_flops(trainer, model_cfg) * batch_size
+    peak = device_peak()
+    result = {
+        "case": f"train {name}",
+        "batch": batch_size,
+        "images_per_s": batch_size / step_s,
+        "step_ms": step_s * 1e3,
+        "compile_s": compile_s,
+        "tflops": flops / step_s / 1e12,
+        "mfu": flops / step_s / peak if peak else None,
+        "temp_bytes": temp,
+        "peak_bytes": peak_memory(),
+    }
+    result |= _nnx_jit_comparison(model_cfg, host, warmup, iters, step_s)
+    return result
+
+
+def _train_flops(trainer, model_cfg) -> int:
+    """Analytic FLOPs of one image's forward and backward pass."""
+    model = nnx.eval_shape(lambda: model_cfg.build(nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    size = model_cfg.image_size
+    x = jax.ShapeDtypeStruct((1, size, size, model_cfg.channels), jnp.float32)
+
+    def grad(p, r, x):
+        loss = lambda p: vqvae_loss(nnx.merge(graphdef, p, r, copy=True), x, train=True)[0]  # noqa: E731
+        return jax.grad(loss)(p)
+
+    return count_flops(grad, params, rest, x)
+
+
+def _nnx_jit_comparison(model_cfg, host, warmup, iters, split_merge_s) -> dict:
+    """The same step with ``@nnx.jit`` on the module, on one device."""
+    model = model_cfg.build(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(3e-4), wrt=nnx.Param)
+
+    @nnx.jit
+    def nnx_step(model, optimizer, images):
+        x = to_model_range(images)
+
+        def loss(model):
+            return vqvae_loss(model, x, train=True, data_variance=0.06)[0]
+
+        value, grads = nnx.value_and_grad(loss)(model)
+        optimizer.update(model, grads)
+        return value
+
+    images = jnp.asarray(host["image"])
+    step_s, _ = timed(nnx_step, model, optimizer, images, warmup=warmup, iters=iters)
+    return {"nnx_jit_step_ms": step_s * 1e3, "nnx_jit_over_split_merge": step_s / split_merge_s}
+
+
+# --- lookup -----------------------------------------------------------------------------
+LOOKUP_CASES = {"lookup": (32768, 16384, 256), "lookup-large": (262144, 65536, 256)}
+QUICK_LOOKUP = {"lookup": (16384, 4096, 16), "lookup-large": (32768, 8192, 16)}
+
+
+def bench_lookup(name, n, k, d, warmup, iters, naive: bool) -> list[dict]:
+    kz, ke = jax.random.split(jax.random.key(0))
+    z = jax.random.normal(kz, (n, d), jnp.float32)
+    e = jax.random.normal(ke, (k, d), jnp.float32)
+    exact = None
+    rows = []
+    variants = {p: partial(nearest_codes, precision=p) for p in ("highest", "default", "rerank")}
+    if naive:
+        variants["naive full matrix"] = lambda z, e: jnp.argmin(
+            jnp.sum(e * e, -1)[None] - 2 * jnp.dot(z, e.T, precision="highest"), axis=1
+        )
+    for label, fn in variants.items():
+        compiled = jax.jit(fn).lower(z, e).compile()
+        mem = compiled.memory_analysis()
+        secs, idx = timed(compiled, z, e, warmup=warmup, iters=iters)
+        idx = np.asarray(idx)
+        if label == "highest":
+            exact = idx
+        rows.append(
+            {
+                "case": f"{name} {n}x{k}x{d} {label}",
+                "ms": secs * 1e3,
+                "tflops": 2 * n * k * d / secs / 1e12,
+                "agree_exact": float(np.mean(idx == exact)),
+                "temp_bytes": mem.temp_size_in_bytes if mem else None,
+                "peak_bytes": peak_memory(),
+            }
+        )
+    if naive:
+        naive_row = rows[-1]
+        for r in rows[:-1]:
+            r["naive_over_this_time"] = naive_row["ms"] / r["ms"]
+            if r["temp_bytes"]:
+                r["naive_over_this_memory"] = naive_row["temp_bytes"] / r["temp_bytes"]
+    return rows
+
+
+# --- output -----------------------------------------------------------------------------
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def table(rows: list[dict]) -> str:
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="all", choices=["sonnet-cifar", "f8-256", "all"])
+    p.add_argument("--quick", action="store_true", help="tiny shapes: a CPU smoke run")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    warmup, iters = (1, 3) if args.quick else (3, 20)
+    presets = ["sonnet-cifar", "f8-256"] if args.preset == "all" else [args.preset]
+    train_cases = QUICK_TRAIN if args.quick else TRAIN_CASES
+    lookup_cases = QUICK_LOOKUP if args.quick else LOOKUP_CASES
+    device = jax.devices()[0]
+    env = {
+        "device": f"{jax.device_count()} x {device.device_kind} ({device.platform})",
+        "jax": jax.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "quick": args.quick,
+    }
+    print(f"# {env['device']}, jax {env['jax']}, {env['date']}", file=sys.stderr)
+    train = [bench_train(name, train_cases[name], warmup, iters) for name in presets]
+    lookup = []
+    for name, (n, k, d) in lookup_cases.items():
+        # the naive N x K matrix of the large case would need 64 GiB: not run
+        lookup += bench_lookup(name, n, k, d, warmup, iters, naive=name == "lookup")
+    print(table(train))
+    print()
+    print(table(lookup))
+    if args.json:
+        out = {"env": env, "train": train, "lookup": lookup}
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""The benchmark suite runs (--quick) and reports every figure it promises; no speed asserts."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_benchmark_suite_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["env"]["quick"] is True
+    train = {r["case"]: r for r in result["train"]}
+    assert set(train) == {"train sonnet-cifar", "train f8-256"}
+    for r in train.values():
+        assert r["images_per_s"] > 0 and r["compile_s"] > 0 and r["tflops"] > 0
+        assert r["nnx_jit_over_split_merge"] > 0
+    lookup = {r["case"]: r for r in result["lookup"]}
+    assert any("naive full matrix" in c for c in lookup) and any("rerank" in c for c in lookup)
+    for case, r in lookup.items():
+        assert r["agree_exact"] >= 0.999, case  # every variant, exactness is checked
+    blocked = next(r for c, r in lookup.items() if c.startswith("lookup ") and "highest" in c)
+    assert blocked["naive_over_this_memory"] > 1  # the blocked lookup needs less memory
+    assert "| case |" in proc.stdout
