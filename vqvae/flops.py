@@ -1,9 +1,9 @@
 """Analytic FLOP counts: walk a function's jaxpr and count its convolutions and matmuls.
 
 The count depends only on shapes, never on the hardware: 2 x multiply-adds of every
-``conv_general_dilated`` (transposed ones without the inserted zeros) and ``dot_general``, loops (``scan``, ``while`` with a known trip
-count via ``fori_loop``) multiplied out. Element-wise work is left out, as is usual when
-comparing models and computing MFU.
+``conv_general_dilated`` (transposed ones without the inserted zeros) and ``dot_general``,
+loops (``scan``, ``while`` with a known trip count via ``fori_loop``) multiplied out.
+Element-wise work is left out, as is usual when comparing models and computing MFU.
 """
 
 import math

@@ -1,0 +1,49 @@
+"""The efficiency report: analytic figures checked by hand, and the command line."""
+
+import subprocess
+import sys
+
+import pytest
+
+from vqvae.model import PRESETS
+from vqvae.report import static_figures
+
+
+def test_sonnet_figures_by_hand():
+    r = static_figures(PRESETS["sonnet-cifar"])
+    assert r["parameters"] == 662_723
+    assert r["inference_weights"] == 662_723 + 512 * 64
+    assert r["size_mb_float32"] == pytest.approx(r["inference_weights"] * 4 / 1e6)
+    # encoder: the two strided convs, the 3x3, two residual blocks, the 1x1, then the lookup
+    macs = (
+        16 * 16 * 16 * 3 * 64
+        + 8 * 8 * 16 * 64 * 128
+        + 8 * 8 * 9 * 128 * 128
+        + 2 * 8 * 8 * (9 * 128 * 32 + 32 * 128)
+        + 8 * 8 * 128 * 64
+        + 8 * 8 * 512 * 64
+    )
+    assert r["encode_gflops_per_image"] == pytest.approx(2 * macs / 1e9)
+    assert r["encode_gmacs_per_image"] == pytest.approx(macs / 1e9)
+    assert r["tokens_per_image"] == 64 and r["bits_per_image"] == 64 * 9
+    assert r["compression_ratio"] == pytest.approx(32 * 32 * 3 * 8 / (64 * 9))
+
+
+def test_f8_forward_flops_match_the_reference_count():
+    r = static_figures(PRESETS["f8-256"])
+    # the reference puts forward + backward at about 384 GFLOP (3x forward, lookup aside)
+    lookup = 2 * 1024 * 16384 * 256 / 1e9
+    convs = r["encode_gflops_per_image"] - lookup + r["decode_gflops_per_image"]
+    assert 3 * convs == pytest.approx(384, rel=0.02)
+
+
+def test_report_command(trained10):
+    out = subprocess.run(
+        [sys.executable, "-m", "vqvae.report", "--workdir", str(trained10), "--batch", "8"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "compression_ratio" in out.stdout and "latency_ms_batch1" in out.stdout
+    assert out.stdout.count("[hw]") == 3
