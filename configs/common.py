@@ -30,6 +30,8 @@ def base(model: VQVAEConfig | dict) -> ml_collections.ConfigDict:
     c.optim.final_lr_fraction = 1.0  # 1.0: constant after warm-up
     c.optim.grad_clip = 0.0  # 0: no clipping
 
+    c.kmeans_init = False  # start the codebook from k-means on the first batch's encodings
+
     c.loss = ml_collections.ConfigDict()
     c.loss.normalize_by_variance = True  # MSE / data variance, as in the VQ-VAE paper
 

@@ -123,3 +123,24 @@ def test_trains_and_evaluates_from_tfds_mock_data(tmp_path):
         result = Trainer(c, tmp_path).train()
     assert result["examples"] == 48 and math.isfinite(result["normalized_mse"])
     assert Checkpoints(tmp_path).latest_step() == 4
+
+
+def test_kmeans_init_seeds_the_codebook_from_the_first_batch(tmp_path):
+    from flax import nnx
+
+    from vqvae.model import to_model_range
+    from vqvae.quantizer import nearest_codes
+
+    trainer = Trainer(config(kmeans_init=True, num_devices=1), tmp_path)
+    plain = trainer.init_state()
+    state, _ = trainer.restore_or_init()
+    codebook = np.asarray(state["rest"]["quantizer"]["codebook"].get_value())
+    assert not np.allclose(codebook, plain["rest"]["quantizer"]["codebook"].get_value())
+    # every code is a centre of the first batch's encoder outputs: each is near some of them
+    model = nnx.merge(trainer.graphdef, state["params"], state["rest"])
+    images = make_source("sample_photos", image_size=16).batch(0, 16)["image"]
+    z = np.asarray(model.encode(to_model_range(images))).reshape(-1, 8)  # 256 vectors
+    used = len(np.unique(np.asarray(nearest_codes(z, codebook))))
+    random_init = plain["rest"]["quantizer"]["codebook"].get_value()
+    used_before = len(np.unique(np.asarray(nearest_codes(z, random_init))))
+    assert used >= 30 and used > used_before  # k-means spreads the codes over the data

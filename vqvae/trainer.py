@@ -240,7 +240,10 @@ class Trainer:
         """The latest checkpoint's state (and data variance), or fresh state."""
         step = self.ckpt.latest_step()
         if step is None:
-            return self.init_state(), self._data_stats()
+            state = self.init_state()
+            if self.config.get("kmeans_init", False):
+                state = self._kmeans_init(state)
+            return state, self._data_stats()
         if self.ckpt.meta(step)["model"] != self.model_config.to_dict():
             raise ValueError(
                 f"{self.workdir} holds a checkpoint of a different model; use a new --workdir"
@@ -253,6 +256,23 @@ class Trainer:
         )
         log.info("resumed from step %d", step)
         return {**model, **train}, float(meta["data_variance"])
+
+    def _kmeans_init(self, state: dict) -> dict:
+        """Codebook (and EMA state) from k-means on the encoder's outputs for batch 0."""
+        graphdef = self.graphdef
+        key = jax.random.fold_in(jax.random.key(self.config.seed), 1)
+
+        def init(params, rest, images):
+            model = nnx.merge(graphdef, params, rest, copy=True)
+            model.quantizer.init_from_batch(model.encode(to_model_range(images)), key)
+            return nnx.state(model, nnx.Not(nnx.Param))
+
+        batch = next(self._train_batches(0))  # the first step's batch
+        fn = jax.jit(init, out_shardings=self.shardings["rest"])
+        with jax.set_mesh(self.mesh):
+            rest = fn(state["params"], state["rest"], batch["image"])
+        log.info("codebook initialised by k-means on the first batch")
+        return {**state, "rest": rest}
 
     def _data_stats(self, batches: int = 8, batch_size: int = 256) -> float:
         """Pixel variance of a few thousand training images, for the normalised MSE."""
