@@ -78,11 +78,13 @@ def export_tokens(
     )
     tmp = _staging(out)
     shards, pending, done, t0, shown = [], [], 0, time.time(), 0.0
-    total = source.num_examples
+    total, max_label = source.num_examples, -1
 
     def flush():
+        nonlocal max_label
         tokens = np.concatenate([t for t, _ in pending])
         labels = np.concatenate([lab for _, lab in pending])
+        max_label = max(max_label, int(labels.max()))
         name = f"tokens-{len(shards):05d}.npz"
         np.savez(tmp / name, tokens=tokens, labels=labels)
         shards.append({"file": name, "num_examples": int(len(tokens))})
@@ -104,15 +106,14 @@ def export_tokens(
             flush()
         if not shards:
             raise ValueError(f"source {source_spec} gave no images to export")
-        labels = np.concatenate([np.load(tmp / s["file"])["labels"] for s in shards])
         manifest = {
             "format": FORMAT,
             "vocab_size": tokenizer.vocab_size,
             "grid_shape": list(tokenizer.grid_shape()),
             "image_size": tokenizer.image_size,
             "num_examples": int(sum(s["num_examples"] for s in shards)),
-            "has_labels": bool((labels >= 0).any()),
-            "num_classes": int(labels.max()) + 1 if (labels >= 0).any() else 0,
+            "has_labels": max_label >= 0,
+            "num_classes": max_label + 1,  # 0 when nothing is labelled (all -1)
             "source": source_spec,
             "split": split,
             "skipped_files": sorted(getattr(source, "skipped", ())),

@@ -54,14 +54,14 @@ class Tokenizer:
         self.meta, self.workdir = meta, workdir
         self.config = meta["model"]
         graphdef, self._state = nnx.split(model)
-        self._encode = jax.jit(
-            lambda state, x: nnx.merge(graphdef, state).encode_to_indices(to_model_range(x))
-        )
+
+        def encode(state, x):  # uint8 images are mapped to the training range first
+            x = to_model_range(x) if x.dtype == jnp.uint8 else x
+            return nnx.merge(graphdef, state).encode_to_indices(x)
+
+        self._encode = jax.jit(encode)
         self._decode = jax.jit(
             lambda state, t: to_uint8(nnx.merge(graphdef, state).decode_indices(t))
-        )
-        self._encode_float = jax.jit(
-            lambda state, x: nnx.merge(graphdef, state).encode_to_indices(x)
         )
         self._codebook = np.asarray(model.quantizer.codes())
 
@@ -134,10 +134,9 @@ class Tokenizer:
         """uint8 (0..255) or float (training range [-0.5, 0.5]) images (B, H, W, C)
         -> int32 tokens (B, H/f, W/f)."""
         images = self._check_images(images)
-        fn = self._encode if images.dtype == np.uint8 else self._encode_float
         if images.dtype != np.uint8:
             images = images.astype(np.float32)
-        return self._batched(fn, images)
+        return self._batched(self._encode, images)
 
     def decode(self, tokens) -> np.ndarray:
         """int tokens (B, h, w) in [0, vocab_size) -> uint8 images (B, h*f, w*f, C)."""
