@@ -348,6 +348,14 @@ class TfdsSource:
             yield {"image": _fit_channels(b["image"], self.channels), "label": b["label"]}
 
 
+def read_token_manifest(root: str | Path) -> dict:
+    """The manifest.json of a token export (vocabulary, grid, codebook checksum, shards)."""
+    manifest = Path(root).expanduser() / "manifest.json"
+    if not manifest.is_file():
+        raise DataError(f"tokens source: no manifest.json in {manifest.parent} (export first)")
+    return json.loads(manifest.read_text())
+
+
 class TokenSource:
     """Token grids exported by ``sample.py --mode tokens`` (a manifest.json and .npz shards).
 
@@ -357,10 +365,7 @@ class TokenSource:
 
     def __init__(self, root: str, seed: int = 0, train: bool = True, val_fraction: float = 0.02):
         root_path = Path(root).expanduser()
-        manifest = root_path / "manifest.json"
-        if not manifest.is_file():
-            raise DataError(f"tokens source: no manifest.json in {root_path} (export first)")
-        self.manifest = json.loads(manifest.read_text())
+        self.manifest = read_token_manifest(root_path)
         tokens, labels = [], []
         for shard in self.manifest["shards"]:
             with np.load(root_path / shard["file"]) as z:

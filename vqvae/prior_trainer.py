@@ -31,8 +31,9 @@ class PriorTrainer(Trainer):
     def _model_config(self) -> PriorConfig:
         self.tokenizer = Tokenizer.load(self.config.tokenizer)
         tok = self.tokenizer
-        if self.config.data.source.startswith("tokens:"):
-            manifest = self._source(train=True).manifest
+        kind, _, path = self.config.data.source.partition(":")
+        if kind == "tokens":  # the manifest alone: the shards are loaded once, for training
+            manifest = data_lib.read_token_manifest(path)
             if manifest["codebook"]["sha256"] != tok.codebook_sha256():
                 raise DataError(
                     f"{self.config.data.source} was exported with another tokenizer than "
