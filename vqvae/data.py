@@ -451,6 +451,19 @@ def one_pass(source, batch_size: int) -> Iterator[dict]:
         yield source.take(np.arange(start, min(n, start + batch_size)))
 
 
+def held_out(source, batch_size: int, total: int) -> Iterator[tuple[dict, int]]:
+    """(host batch, how many of its examples count) covering ``total`` held-out examples.
+
+    The last batch may wrap around to the start; only its first ``count`` examples are new.
+    """
+    batches = host_batches(source, batch_size)
+    try:
+        for i, host in zip(range(-(-total // batch_size)), batches, strict=False):
+            yield host, min(batch_size, total - i * batch_size)
+    finally:
+        batches.close()
+
+
 def _count(start: int) -> Iterator[int]:
     while True:
         yield start

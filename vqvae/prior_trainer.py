@@ -60,13 +60,11 @@ class PriorTrainer(Trainer):
             download=d.get("download", False),
         )
 
-    def _as_tokens(self, batches):
-        """Host image batches -> host token batches (encoded by the tokenizer)."""
-        for b in batches:
-            if "tokens" in b:
-                yield b
-            else:
-                yield {"tokens": self.tokenizer.encode(b["image"]), "label": b["label"]}
+    def _as_tokens(self, batch: dict) -> dict:
+        """A host batch of images -> of tokens (encoded by the tokenizer); tokens pass as is."""
+        if "tokens" in batch:
+            return batch
+        return {"tokens": self.tokenizer.encode(batch["image"]), "label": batch["label"]}
 
     def _labels(self, labels: np.ndarray) -> np.ndarray:
         """Labels the model can use: -1 (unconditional) where conditioning is off or unknown."""
@@ -75,7 +73,8 @@ class PriorTrainer(Trainer):
 
     def _train_batches(self, start: int):
         host = data_lib.host_batches(self._source(train=True), self.config.batch_size, start)
-        fixed = ({**b, "label": self._labels(b["label"])} for b in self._as_tokens(host))
+        fixed = (self._as_tokens(b) for b in host)
+        fixed = ({**b, "label": self._labels(b["label"])} for b in fixed)
         return data_lib.to_global(fixed, batch_sharding(self.mesh))
 
     def _meta(self, data_variance: float) -> dict[str, Any]:
@@ -99,10 +98,9 @@ class PriorTrainer(Trainer):
         bs = cfg.eval_batch_size
         n = self._eval_source.num_examples
         total = min(cfg.eval_batches * bs, n) if cfg.eval_batches else n  # each one once
-        held_out = self._as_tokens(data_lib.host_batches(self._eval_source, bs))
         nats_sum, count = 0.0, 0
-        for i, host in zip(range(-(-total // bs)), held_out, strict=False):
-            keep = min(bs, total - i * bs)
+        for host, keep in data_lib.held_out(self._eval_source, bs, total):
+            host = self._as_tokens(host)
             weight = (np.arange(len(host["tokens"])) < keep).astype(np.float32)
             batch = {"tokens": host["tokens"], "label": self._labels(host["label"])}
             batch["weight"] = weight

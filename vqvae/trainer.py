@@ -377,14 +377,12 @@ class Trainer:
         bs = cfg.eval_batch_size
         total = cfg.eval_batches * bs or self._eval_source.num_examples
         per_image, counts, first = [], np.zeros(m.num_codes), None
-        held_out = data_lib.host_batches(self._eval_source, bs)
-        for i, host in zip(range(-(-total // bs)), held_out, strict=False):
-            keep = min(bs, total - i * bs)  # the last batch wraps around: count it once
+        for host, keep in data_lib.held_out(self._eval_source, bs, total):
             batch = jax.device_put(host, batch_sharding(self.mesh))
             err, idx, recon = self._eval_step(state["params"], state["rest"], batch)
             per_image.append(np.asarray(err)[:keep])
             counts += np.bincount(np.asarray(idx)[:keep].ravel(), minlength=m.num_codes)
-            if i == 0:
+            if first is None:
                 first = (host["image"], np.asarray(recon))
         per_image = np.concatenate(per_image)
         mse = float(np.mean(per_image))
