@@ -6,17 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import tiny
 from vqvae.model import PRESETS, VQVAEConfig, vqvae_loss
 
-TINY = VQVAEConfig(
-    image_size=16,
-    base_channels=8,
-    channel_mult=(1, 2),
-    mid_blocks=1,
-    res_hidden=8,
-    code_dim=8,
-    num_codes=32,
-)
+TINY = VQVAEConfig.from_dict(tiny.get_config().model)  # the tests' tiny model
 
 
 def _param_count(config: VQVAEConfig) -> int:

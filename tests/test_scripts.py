@@ -100,17 +100,24 @@ def test_sigkill_mid_run_then_rerun_resumes_and_finishes(tmp_path):
     assert "final evaluation" in again.stderr
 
 
-def test_sigterm_saves_and_exits_cleanly_then_sample_reconstructs(tmp_path):
-    args = [*TINY, f"--workdir={tmp_path}", "--config.steps=100000", "--config.log_every=2"]
+def interrupt_training(workdir, sig) -> list[int]:
+    """Start a long run, send ``sig`` once it has logged; it must save and exit 0.
+
+    Returns the checkpoint steps left in ``workdir``."""
+    args = [*TINY, f"--workdir={workdir}", "--config.steps=100000", "--config.log_every=2"]
     args += ["--config.checkpoint_every=100000", "--config.eval_every=100000"]
     proc = start("train.py", *args)
-    metrics = tmp_path / "metrics.jsonl"
+    metrics = workdir / "metrics.jsonl"
     wait_for(lambda: metrics.is_file() and metrics.stat().st_size > 0, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    assert "SIGTERM: saved step" in err
-    saved = checkpoints(tmp_path)
+    assert f"{signal.Signals(sig).name}: saved step" in err
+    return checkpoints(workdir)
+
+
+def test_sigterm_saves_and_exits_cleanly_then_sample_reconstructs(tmp_path):
+    saved = interrupt_training(tmp_path, signal.SIGTERM)
     assert len(saved) == 1 and 0 < saved[0] < 100000
 
     out = tmp_path / "recon.png"
@@ -125,12 +132,4 @@ def test_sigterm_saves_and_exits_cleanly_then_sample_reconstructs(tmp_path):
 
 @pytest.mark.skipif(os.name != "posix", reason="signals")
 def test_ctrl_c_is_handled_like_sigterm(tmp_path):
-    args = [*TINY, f"--workdir={tmp_path}", "--config.steps=100000", "--config.log_every=2"]
-    args += ["--config.checkpoint_every=100000", "--config.eval_every=100000"]
-    proc = start("train.py", *args)
-    metrics = tmp_path / "metrics.jsonl"
-    wait_for(lambda: metrics.is_file() and metrics.stat().st_size > 0, proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert "SIGINT: saved step" in err and len(checkpoints(tmp_path)) == 1
+    assert len(interrupt_training(tmp_path, signal.SIGINT)) == 1
