@@ -144,3 +144,17 @@ def test_kmeans_init_seeds_the_codebook_from_the_first_batch(tmp_path):
     random_init = plain["rest"]["quantizer"]["codebook"].get_value()
     used_before = len(np.unique(np.asarray(nearest_codes(z, random_init))))
     assert used >= 30 and used > used_before  # k-means spreads the codes over the data
+
+
+def test_a_signal_arriving_mid_step_still_saves_before_stopping(tmp_path):
+    import signal
+
+    class SignalDuringEval(Trainer):
+        def evaluate(self, state, step):
+            out = super().evaluate(state, step)
+            if step == 5:  # as if SIGTERM landed after the step decided not to save
+                self._on_signal(signal.SIGTERM, None)
+            return out
+
+    SignalDuringEval(config(eval_every=5, checkpoint_every=100), tmp_path).train()
+    assert Checkpoints(tmp_path).latest_step() == 6  # saved at the next step, then stopped

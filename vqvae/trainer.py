@@ -328,7 +328,9 @@ class Trainer:
             with jax.set_mesh(self.mesh):
                 for step in range(start + 1, cfg.steps + 1):
                     state, metrics = step_fn(state, next(batches))
-                    last = step == cfg.steps or self._stop_signal is not None
+                    # read once: a signal landing later in this step is acted on at the next
+                    stop = self._stop_signal
+                    last = step == cfg.steps or stop is not None
                     save = step % cfg.checkpoint_every == 0 or last
                     if step % cfg.log_every == 0 or save:
                         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -351,8 +353,8 @@ class Trainer:
                             meta,
                         )
                         last_saved = step
-                    if self._stop_signal is not None:
-                        name = signal.Signals(self._stop_signal).name
+                    if stop is not None:
+                        name = signal.Signals(stop).name
                         log.warning("%s: saved step %d; rerun to resume", name, step)
                         break
         finally:
