@@ -26,7 +26,7 @@ def reconstruct(workdir: str, out: str, source: str | None, num: int, step: int 
     from vqvae import data as data_lib
     from vqvae.checkpoint import load_model
     from vqvae.model import to_model_range, to_uint8
-    from vqvae.trainer import image_grid
+    from vqvae.trainer import image_grid, psnr
 
     model, meta = load_model(workdir, step)
     cfg = meta["model"]
@@ -42,7 +42,6 @@ def reconstruct(workdir: str, out: str, source: str | None, num: int, step: int 
     recon = jax.jit(lambda x: to_uint8(model(to_model_range(x)).reconstruction))(images)
     recon = np.asarray(recon)
     mse = float(np.mean((recon.astype(np.float64) - images) ** 2) / 255.0**2)
-    psnr = float(10 * np.log10(1.0 / max(mse, 1e-12)))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     per_row = 8
     rows = []
@@ -51,7 +50,7 @@ def reconstruct(workdir: str, out: str, source: str | None, num: int, step: int 
     if len(rows) > 2 and len(rows[-1]) < per_row:
         rows = rows[:-2]
     image_grid(rows, Path(out))
-    return {"mse": mse, "psnr": psnr, "images": num}
+    return {"mse": mse, "psnr": psnr(mse), "images": num}
 
 
 def export(workdir, mode, out, source, split, step) -> None:
@@ -63,9 +62,7 @@ def export(workdir, mode, out, source, split, step) -> None:
         export_codebook(tok, out)
         print(f"wrote {out}: codebook {tok.vocab_size} x {tok.codebook.shape[1]}")
         return
-    from vqvae.checkpoint import Checkpoints
-
-    meta = Checkpoints(workdir, read_only=True).meta(step)
+    meta = tok.meta  # the checkpoint's: its data source and held-out share
     m = export_tokens(
         tok,
         source or meta["data"]["source"],

@@ -20,7 +20,9 @@ _PRECISIONS = {
     "highest": jax.lax.Precision.HIGHEST,
     "high": jax.lax.Precision.HIGH,
     "default": jax.lax.Precision.DEFAULT,
-    "rerank": jax.lax.Precision.DEFAULT,  # bfloat16 shortlist, exact float32 re-rank
+    # bfloat16 shortlist, exact float32 re-rank; with no more codes than candidates the
+    # plain path runs, at float32
+    "rerank": jax.lax.Precision.HIGHEST,
 }
 # Candidates per vector that the bfloat16 shortlist keeps for the exact re-rank.
 RERANK_CANDIDATES = 4

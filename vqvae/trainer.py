@@ -104,6 +104,11 @@ def make_eval_step(graphdef):
     return eval_step
 
 
+def psnr(mse: float) -> float:
+    """Peak signal-to-noise ratio in dB of an MSE over pixels in [0, 1]."""
+    return float(10 * np.log10(1.0 / max(mse, 1e-12)))
+
+
 def image_grid(rows: list[np.ndarray], path: Path) -> None:
     """Write rows of uint8 images (n, H, W, C) as one PNG, atomically."""
     tiles = [np.concatenate(list(r), axis=1) for r in rows]
@@ -393,7 +398,7 @@ class Trainer:
         out = {
             "mse": mse,  # pixels in [0, 1]
             "normalized_mse": mse / self.data_variance,  # the VQ-VAE paper's figure
-            "psnr": float(10 * np.log10(1.0 / max(mse, 1e-12))),  # of the mean MSE
+            "psnr": psnr(mse),  # of the mean MSE
             **health,
             "dead_codes": float(np.sum(ema_counts < cfg.dead_code_report_threshold)),
             "examples": float(len(per_image)),
