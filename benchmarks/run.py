@@ -80,11 +80,10 @@ QUICK_TRAIN = {
 
 def bench_train(name: str, case: dict, warmup: int, iters: int) -> dict:
     model_cfg, batch_size = case["model"], case["batch"]
+    n = jax.device_count()
+    batch_size = max(n, batch_size // n * n)  # a multiple of the device count
     config = base(model_cfg)
     config.batch_size, config.steps, config.tensorboard = batch_size, 1000, False
-    n = jax.device_count()
-    batch_size = max(n, batch_size // n * n)
-    config.batch_size = batch_size
     with tempfile.TemporaryDirectory() as workdir:
         trainer = Trainer(config, workdir)
     rng = np.random.default_rng(0)
@@ -111,7 +110,7 @@ def bench_train(name: str, case: dict, warmup: int, iters: int) -> dict:
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
 
-    flops = _train_flops(trainer, model_cfg) * batch_size
+    flops = _train_flops(model_cfg) * batch_size
     peak = device_peak()
     result = {
         "case": f"train {name}",
@@ -128,7 +127,7 @@ def bench_train(name: str, case: dict, warmup: int, iters: int) -> dict:
     return result
 
 
-def _train_flops(trainer, model_cfg) -> int:
+def _train_flops(model_cfg) -> int:
     """Analytic FLOPs of one image's forward and backward pass."""
     model = nnx.eval_shape(lambda: model_cfg.build(nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
