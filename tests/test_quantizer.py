@@ -1,3 +1,5 @@
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqvae.quantizer import (
+    DEFAULT_TILE,
     Codebook,
     CodebookStats,
     VectorQuantizer,
@@ -50,6 +53,68 @@ def test_nearest_codes_equals_float64_brute_force(n, k, d, tile, block):
     idx = jax.jit(lambda z, e: nearest_codes(z, e, tile=tile, code_block=block))(z, codebook)
     assert idx.dtype == jnp.int32 and idx.shape == (n,)
     assert_nearest(z, codebook, np.asarray(idx))
+
+
+def assert_exact(z, codebook, idx):
+    """Every index is the float64 argmin, but for ties closer than float32 resolves.
+
+    The resolution is relative to the centred problem (distances do not change when vectors
+    and codes move together), so a large common offset earns no extra slack.
+    """
+    z64, e64 = np.asarray(z, np.float64), np.asarray(codebook, np.float64)
+    centre = e64.mean(0)
+    d, best = brute_force(z64 - centre, e64 - centre)
+    rows = np.arange(len(best))
+    gap = d[rows, idx] - d[rows, best]
+    scale = ((z64 - centre) ** 2).sum(-1) + ((e64 - centre) ** 2).sum(-1).max()
+    wrong = gap > 1e-6 * scale
+    assert not wrong.any(), f"{wrong.sum()} of {len(idx)} assignments are wrong"
+
+
+@pytest.mark.parametrize("precision", ["highest", "default", "rerank"])
+@pytest.mark.parametrize("offset,d,k", [(1000.0, 16, 64), (100.0, 16, 64), (30.0, 64, 512)])
+def test_a_common_offset_does_not_change_assignments(precision, offset, d, k):
+    kz, ke = jax.random.split(jax.random.key(d + k))
+    codebook = jax.random.normal(ke, (k, d)) + offset
+    z = jax.random.normal(kz, (2048, d)) + offset
+    idx = np.asarray(jax.jit(partial(nearest_codes, precision=precision))(z, codebook))
+    assert_exact(z, codebook, idx)
+
+
+@pytest.mark.parametrize("precision", ["highest", "rerank"])
+def test_clustered_codes_and_near_ties_far_from_the_origin(precision):
+    kc, ka, kn = jax.random.split(jax.random.key(5), 3)
+    centres = 1000.0 + jax.random.normal(kc, (32, 8)) * 4.0  # tight pairs of codes
+    codebook = jnp.repeat(centres, 2, axis=0) + 0.05 * jax.random.normal(kn, (64, 8))
+    # near-ties: each vector sits just off the midpoint of two neighbouring codes, on the
+    # side of the first; the gap in squared distance is 4 * 0.01 * |a|^2, far below what
+    # float32 resolves at |e|^2 ~ 8e6 but clear once centred
+    a = (codebook[0::2] - codebook[1::2]) / 2  # (32, 8)
+    mid = (codebook[0::2] + codebook[1::2]) / 2
+    z = mid + 0.01 * a
+    idx = np.asarray(nearest_codes(z, codebook, precision=precision))
+    assert_exact(z, codebook, idx)
+    np.testing.assert_array_equal(idx, np.arange(0, 64, 2))
+
+
+@pytest.mark.parametrize("precision", ["highest", "rerank"])
+def test_non_finite_vectors_get_code_zero(precision):
+    codebook = jax.random.normal(jax.random.key(1), (16, 8))
+    z = jnp.tile(codebook[5], (4, 1)).at[1, 3].set(jnp.nan).at[2, 0].set(jnp.inf)
+    np.testing.assert_array_equal(nearest_codes(z, codebook, precision=precision), [5, 0, 0, 5])
+
+
+@pytest.mark.parametrize("precision", ["highest", "rerank"])
+@pytest.mark.parametrize("k", [8, 4096])
+def test_extra_memory_stays_within_the_tile(precision, k):
+    # XLA's plan for the compiled program (no run): 262,144 vectors of D = 256 (a 256 MiB
+    # input), K codes. Beside the 64 MiB tile only copies of the codebook may appear; a
+    # copy of the input, or the re-rank's (N, 4, D) gather, would blow the bound.
+    n, d = 262144, 256
+    shapes = jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((k, d), jnp.float32)
+    fn = jax.jit(partial(nearest_codes, precision=precision)).lower(*shapes).compile()
+    temp = fn.memory_analysis().temp_size_in_bytes
+    assert temp < 4 * DEFAULT_TILE + 4 * k * d * 4 + 8 * n, f"{temp / 2**20:.0f} MiB"
 
 
 def test_nearest_codes_keeps_leading_shape_accepts_bf16_and_breaks_ties_low():
@@ -251,6 +316,13 @@ def test_dead_code_restart_reseeds_exactly_the_dead_codes_deterministically():
     np.testing.assert_array_equal(np.asarray(vq.dead_codes(threshold)), np.zeros(16, bool))
     again, _, _ = run(0)
     np.testing.assert_array_equal(np.asarray(again.codes()), new)
+
+
+def test_an_empty_batch_trains_without_restarting_codes():
+    vq = make_vq(dead_code_threshold=0.5)
+    vq.counts.set_value(jnp.zeros(16))  # every code is dead
+    out = vq(jnp.zeros((0, 4)), train=True)
+    assert out.indices.shape == (0,) and int(out.metrics["codes_restarted"]) == 0
 
 
 def test_counts_over_time_find_codes_no_vector_uses():

@@ -52,16 +52,20 @@ def nearest_codes(
 ) -> jax.Array:
     """Index of the nearest code (squared Euclidean) for every vector of ``z``.
 
-    z: (..., D), codebook: (K, D) -> int32 (...). Distances are ``|e|^2 - 2 z.e`` (``|z|^2``
-    is the same for every code of a row), computed in float32 tile by tile with a running
-    min/argmin, so extra memory is about ``tile`` floats whatever N and K are (codes are taken
-    ``code_block`` at a time). Ties go to the lower index, as with ``argmin``.
+    z: (..., D), codebook: (K, D) -> int32 (...). Vectors and codes are first centred on
+    (nearly) the codebook's mean: distances do not change when both move together, and without it a
+    common offset (inputs and codes near +1000, say) cancels the differences between codes
+    in float32. Distances are then ``|e|^2 - 2 z.e`` (``|z|^2`` is the same for every code of
+    a row), computed tile by tile with a running min/argmin, so extra memory is about
+    ``tile`` floats whatever N and K are (codes are taken ``code_block`` at a time). Ties go
+    to the lower index, as with ``argmin``. A vector with a NaN or infinite component gets
+    code 0 (callers that must not see such input check for it: the Tokenizer raises, the
+    trainer stops on a non-finite loss).
 
-    ``precision="rerank"``: the product runs in bfloat16 on centred inputs (distances do not
-    change when codes and vectors move together, and centring shrinks the rounding error) and
-    keeps the best ``RERANK_CANDIDATES`` codes per vector; those few are then compared exactly
-    in float32. The answer differs from the exact one only where the true nearest code falls
-    out of the shortlist.
+    ``precision="rerank"``: the product runs in bfloat16 and keeps the best
+    ``RERANK_CANDIDATES`` codes per vector; those few are then compared exactly in float32.
+    The answer differs from the exact one only where the true nearest code falls out of the
+    shortlist.
     """
     if codebook.ndim != 2 or z.shape[-1] != codebook.shape[-1]:
         raise ValueError(
@@ -76,14 +80,27 @@ def nearest_codes(
     n, k = z.shape[0], e.shape[0]
     if n == 0:
         return jnp.zeros(lead, jnp.int32)
+    # Same distances, no common offset. The centre keeps 8 significant bits: that removes
+    # all but 0.4% of any offset, and on inputs with few significant bits (small integers,
+    # say) the centred arithmetic stays exact, so exact ties still go to the lower index.
+    # Vectors are centred block by block inside the kernels: no centred copy of z is made.
+    centre = jnp.mean(e, axis=0).astype(jnp.bfloat16).astype(jnp.float32)  # (D,)
+    ec = e - centre
     if precision == "rerank" and k > RERANK_CANDIDATES:
-        idx = _shortlist_rerank(z, e, tile, code_block)
-        return idx.reshape(lead)
+        idx = _shortlist_rerank(z, centre, ec, tile, code_block)
+    else:
+        idx = _exact(z, centre, ec, _PRECISIONS[precision], tile, code_block)
+    idx = jnp.where(jnp.all(jnp.isfinite(z), axis=-1), idx, 0)  # documented, in range
+    return idx.reshape(lead)
 
-    z_blocks, e_blocks, e_sq_blocks, offsets = _blocks(z, e, tile, code_block)
-    prec = _PRECISIONS[precision]
+
+def _exact(z: jax.Array, centre, e: jax.Array, prec, tile: int, code_block: int) -> jax.Array:
+    """z (N, D), centred codes e (K, D) -> (N,): blocked argmin of float32 distances."""
+    e_blocks, e_sq_blocks, offsets = _code_blocks(e, tile, code_block)
 
     def assign_block(zb: jax.Array) -> jax.Array:  # (bn, D) -> (bn,)
+        zb = zb - centre
+
         def scan_codes(carry, block):
             best_d, best_i = carry
             eb, eb_sq, offset = block
@@ -97,46 +114,71 @@ def nearest_codes(
         (_, best_i), _ = jax.lax.scan(scan_codes, init, (e_blocks, e_sq_blocks, offsets))
         return best_i
 
-    idx = jax.lax.map(assign_block, z_blocks)  # (nb, bn)
-    return _unblock(idx, n).reshape(lead)
+    # per vector: its distances to a block of codes and its centred copy (D floats)
+    return _map_vector_blocks(assign_block, z, tile // (e_blocks.shape[1] + z.shape[1]))
 
 
-def _blocks(z: jax.Array, e: jax.Array, tile: int, code_block: int):
-    """Padded block layout shared by the assignment kernels.
+def _code_blocks(e: jax.Array, tile: int, code_block: int):
+    """Codes (K, D) -> blocks (Kb, bk, D), their norms (Kb, bk) and offsets (Kb,).
 
-    Returns (z_blocks (nb, bn, D), e_blocks (Kb, bk, D), e_sq_blocks (Kb, bk), offsets (Kb,)).
-    Vector block j holds rows j, j + nb, j + 2 nb, ...: a batch sharded along N stays spread
-    over every device inside each block. Padded codes get infinite norm so they never win.
+    Padded codes get infinite norm, so they never win.
     """
-    (n, d), k = z.shape, e.shape[0]
+    k, d = e.shape
     bk = max(1, min(k, code_block, tile))
-    bn = max(1, min(n, tile // bk))
-    kp, np_ = _ceil_to(k, bk), _ceil_to(n, bn)
-    nb = np_ // bn
+    kp = _ceil_to(k, bk)
     e_sq = jnp.pad(jnp.sum(e * e, axis=-1), (0, kp - k), constant_values=jnp.inf)  # (Kp,)
     e_blocks = jnp.pad(e, ((0, kp - k), (0, 0))).reshape(kp // bk, bk, d)
     offsets = jnp.arange(0, kp, bk, dtype=jnp.int32)
-    z_blocks = jnp.pad(z, ((0, np_ - n), (0, 0))).reshape(bn, nb, d).swapaxes(0, 1)
-    return z_blocks, e_blocks, e_sq.reshape(kp // bk, bk), offsets
+    return e_blocks, e_sq.reshape(kp // bk, bk), offsets
 
 
-def _unblock(idx: jax.Array, n: int) -> jax.Array:
-    """(nb, bn) block results -> (n,) in the original row order."""
-    return idx.swapaxes(0, 1).reshape(-1)[:n]
+def _vector_layout(n: int, max_rows: int) -> tuple[int, int]:
+    """(rows per block bn, blocks nb) with bn <= max_rows; bn * nb == n where n allows.
+
+    The smallest block count that divides n, so that z (N, D) reshapes to (bn, nb, D) for
+    free; where n has no divisor near the ideal count, n is padded up instead.
+    """
+    ideal = -(-n // max(1, max_rows))
+    for nb in range(ideal, min(2 * ideal, n) + 1):
+        if n % nb == 0:
+            return n // nb, nb
+    return -(-n // ideal), ideal
 
 
-def _shortlist_rerank(z: jax.Array, e: jax.Array, tile: int, code_block: int) -> jax.Array:
-    """z (N, D), e (K, D) -> (N,): bfloat16 shortlist of a few codes, exact float32 choice."""
+def _map_vector_blocks(fn, z: jax.Array, max_rows: int) -> jax.Array:
+    """Apply ``fn`` ((bn, D) -> (bn,) int32) to blocks of the rows of z (N, D) -> (N,).
+
+    Block j holds rows j, j + nb, j + 2 nb, ...: z (N, D) is viewed as (bn, nb, D) with no
+    copy and block j sliced out of its middle axis, so a batch sharded along N stays spread
+    over every device inside each block, and only one block is materialised at a time.
+    """
+    n, d = z.shape
+    bn, nb = _vector_layout(n, max_rows)
+    if bn * nb != n:  # no usable divisor: pad (a copy of z, the only case that makes one)
+        z = jnp.pad(z, ((0, bn * nb - n), (0, 0)))
+    if nb == 1:
+        return fn(z)[:n]
+    z3 = z.reshape(bn, nb, d)
+
+    def body(j, out):  # out (bn, nb)
+        idx = fn(jax.lax.dynamic_index_in_dim(z3, j, axis=1, keepdims=False))
+        return jax.lax.dynamic_update_index_in_dim(out, idx, j, axis=1)
+
+    out = jax.lax.fori_loop(0, nb, body, jnp.zeros((bn, nb), jnp.int32))
+    return out.reshape(-1)[:n]  # row r * nb + j is z's row r * nb + j
+
+
+def _shortlist_rerank(z: jax.Array, centre, e: jax.Array, tile: int, code_block: int):
+    """z (N, D), centred codes e (K, D) -> (N,): bfloat16 shortlist, exact float32 choice."""
     c = RERANK_CANDIDATES
-    centre = jnp.mean(e, axis=0)
-    zc, ec = z - centre, e - centre  # same distances, smaller numbers
     # |e|^2 of the *rounded* codes: the shortlist then ranks exact distances between rounded
     # points, whose error 2 (e - z) . de is small exactly where it matters, near the codes.
-    e_lo32 = ec.astype(jnp.bfloat16).astype(jnp.float32)
-    z_blocks, e_blocks, e_sq_blocks, offsets = _blocks(zc, e_lo32, tile, code_block)
+    e_lo32 = e.astype(jnp.bfloat16).astype(jnp.float32)
+    e_blocks, e_sq_blocks, offsets = _code_blocks(e_lo32, tile, code_block)
     e_lo = e_blocks.astype(jnp.bfloat16)
 
     def assign_block(zb: jax.Array) -> jax.Array:  # (bn, D) -> (bn,)
+        zb = zb - centre
         zb_lo = zb.astype(jnp.bfloat16)
 
         def scan_codes(carry, block):
@@ -153,11 +195,16 @@ def _shortlist_rerank(z: jax.Array, e: jax.Array, tile: int, code_block: int) ->
         bn = zb.shape[0]
         init = (jnp.full((bn, c), jnp.inf, jnp.float32), jnp.zeros((bn, c), jnp.int32))
         (_, cand), _ = jax.lax.scan(scan_codes, init, (e_lo, e_sq_blocks, offsets))
-        exact = jnp.sum(jnp.square(zb[:, None, :] - ec[cand]), axis=-1)  # (bn, c) float32
+        cand = jnp.minimum(cand, e.shape[0] - 1)  # a padded code can only be a last resort
+        exact = jnp.sum(jnp.square(zb[:, None, :] - e[cand]), axis=-1)  # (bn, c) float32
+        exact = jnp.where(jnp.isnan(exact), jnp.inf, exact)
         tied = exact == jnp.min(exact, axis=1, keepdims=True)
         return jnp.min(jnp.where(tied, cand, jnp.iinfo(jnp.int32).max), axis=1)
 
-    return _unblock(jax.lax.map(assign_block, z_blocks), z.shape[0])
+    # per vector beside its distances: its centred copy and a bfloat16 one (2 D floats at
+    # most) and its c candidate codes for the exact re-rank (c D floats)
+    per_row = e_blocks.shape[1] + (c + 2) * z.shape[1]
+    return _map_vector_blocks(assign_block, z, tile // per_row)
 
 
 def code_counts(indices: jax.Array, num_codes: int) -> jax.Array:
@@ -423,7 +470,7 @@ class VectorQuantizer(nnx.Module):
             epsilon=self.epsilon,
         )
         restarted = jnp.zeros((), jnp.int32)
-        if self.dead_code_threshold > 0:
+        if self.dead_code_threshold > 0 and z_flat.shape[0] > 0:  # an empty batch has no seeds
             key, sub = jax.random.split(jax.random.wrap_key_data(self.restart_key.get_value()))
             self.restart_key.set_value(jax.random.key_data(key))
             codebook, counts, sums, dead = restart_dead_codes(
