@@ -99,3 +99,23 @@ def test_prior_trains_checkpoints_and_generates(trained10, tmp_path):
 
     with Image.open(out) as im:
         assert im.size == (8 * 16, 2 * 16)
+
+
+def test_out_of_range_class_labels_are_a_clear_error():
+    model = SMALL.build(nnx.Rngs(0))  # 3 classes
+    tokens = jnp.zeros((2, 16), jnp.int32)
+    assert np.isfinite(np.asarray(model(tokens, jnp.asarray([2, -1])))).all()
+    for bad in (3, -2):
+        with pytest.raises(ValueError, match=f"class label {bad} is out of range.*3 classes"):
+            model(tokens, jnp.asarray([0, bad]))
+        with pytest.raises(ValueError, match="out of range"):
+            sample(model, jax.random.key(0), jnp.asarray([bad]))
+
+
+def test_top_k_keeps_exactly_k_ids_when_scores_tie():
+    from vqvae.prior import _pick
+
+    logits = jnp.asarray([[5.0, 1.0, 1.0, 1.0, 1.0, 0.0]])  # four ids tie at the 2nd score
+    keys = jax.random.split(jax.random.key(0), 400)
+    picked = {int(_pick(logits, k, 1.0, top_k=2)[0]) for k in keys}
+    assert picked == {0, 1}  # the best, and the lowest of the tied ids

@@ -68,6 +68,17 @@ def test_bad_input_is_a_value_error(tok):
         tok.decode(np.full((1, 4, 4), -1))
     with pytest.raises(ValueError, match="must be integers"):
         tok.decode(np.zeros((1, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="must not be empty"):
+        tok.decode(np.zeros((1, 0, 4), np.int32))
+    x = np.asarray(to_model_range(_images(2)))
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            tok.encode(np.where(np.arange(x.size).reshape(x.shape) == 7, bad, x))
+    with pytest.raises(
+        ValueError, match=r"training range \[-0.5, 0.5\], got values in \[\d+, \d+\].*uint8"
+    ):
+        tok.encode(np.round((x + 0.5) * 255).astype(np.float32))  # 0..255 as floats
+    tok.encode(x * 1.5)  # overshoot of the training range is still that convention
 
 
 def test_token_export_reads_back_with_plain_numpy(tok, tmp_path):

@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -132,8 +133,25 @@ class Prior(nnx.Module):
         self.norm = nnx.LayerNorm(width, rngs=rngs)
         self.head = nnx.Linear(width, vocab_size, rngs=rngs)
 
+    def check_labels(self, labels: jax.Array) -> None:
+        """A clear error for class labels the prior has no start token for.
+
+        Runs on concrete labels only: inside ``jax.jit`` the values are unknown, and an
+        out-of-range label gives NaN logits (the trainer maps unknown labels to -1 first).
+        """
+        if self.num_classes == 0 or isinstance(labels, jax.core.Tracer):
+            return
+        labels = np.asarray(labels)
+        bad = labels[(labels < -1) | (labels >= self.num_classes)]
+        if bad.size:
+            raise ValueError(
+                f"class label {int(bad[0])} is out of range: this prior knows "
+                f"{self.num_classes} classes (0..{self.num_classes - 1}; -1: unconditional)"
+            )
+
     def start_tokens(self, labels: jax.Array) -> jax.Array:
         """labels (B,) (-1: none) -> start token ids (B,)."""
+        self.check_labels(labels)
         if self.num_classes == 0:
             return jnp.full(labels.shape, self.vocab_size, jnp.int32)
         return jnp.where(labels >= 0, self.vocab_size + 1 + labels, self.vocab_size)
@@ -171,11 +189,16 @@ def prior_loss(model: Prior, tokens: jax.Array, labels: jax.Array):
 
 
 def _pick(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
-    """Sample ids (B,) from logits (B, V) at ``temperature``, keeping the ``top_k`` best."""
+    """Sample ids (B,) from logits (B, V) at ``temperature``, among the ``top_k`` best.
+
+    Exactly ``top_k`` candidates are kept: where several ids tie at the k-th score, the
+    lower ids are kept (as ``jax.lax.top_k`` orders them).
+    """
     logits = logits / max(temperature, 1e-6)
     if 0 < top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # (B, 1)
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
+        best, ids = jax.lax.top_k(logits, top_k)  # (B, k) each
+        choice = jax.random.categorical(key, best)  # (B,) positions among the k
+        return jnp.take_along_axis(ids, choice[:, None], axis=1)[:, 0].astype(jnp.int32)
     return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
@@ -190,6 +213,7 @@ def sample(
 ) -> jax.Array:
     """Token sequences (B, L) for labels (B,) (-1: unconditional). Position t uses the key
     ``fold_in(key, t)``, so cached and uncached sampling give the same tokens."""
+    model.check_labels(labels)
     b, n = labels.shape[0], model.seq_len
     tokens = jnp.zeros((b, n), jnp.int32)
 

@@ -20,6 +20,9 @@ from vqvae.checkpoint import CheckpointError, load_model
 from vqvae.model import VQVAE, to_model_range, to_uint8
 
 BUCKETS = (1, 8, 64, 256)
+# Float images beyond +-1 are in another convention (0..255, most likely), not the
+# training range [-0.5, 0.5] with some overshoot: refused rather than silently mis-encoded.
+FLOAT_LIMIT = 1.0
 
 
 def _resolve(path: str | Path) -> tuple[Path, int | None]:
@@ -128,6 +131,15 @@ class Tokenizer:
             raise ValueError(
                 f"images must be uint8 (0..255) or float in [-0.5, 0.5], got {images.dtype}"
             )
+        if images.dtype != np.uint8 and images.size:
+            if not np.isfinite(images).all():
+                raise ValueError("images contain NaN or infinite values")
+            lo, hi = float(images.min()), float(images.max())
+            if lo < -FLOAT_LIMIT or hi > FLOAT_LIMIT:
+                raise ValueError(
+                    f"float images must be in the training range [-0.5, 0.5], got values in "
+                    f"[{lo:g}, {hi:g}]; pass uint8 for 0..255 pixels"
+                )
         return images
 
     def encode(self, images) -> np.ndarray:
@@ -143,6 +155,8 @@ class Tokenizer:
         tokens = np.asarray(tokens)
         if tokens.ndim != 3:
             raise ValueError(f"tokens must be (B, h, w), got shape {tokens.shape}")
+        if 0 in tokens.shape[1:]:
+            raise ValueError(f"token grids must not be empty, got shape {tokens.shape}")
         if not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
