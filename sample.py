@@ -25,8 +25,8 @@ def reconstruct(workdir: str, out: str, source: str | None, num: int, step: int 
 
     from vqvae import data as data_lib
     from vqvae.checkpoint import load_model
+    from vqvae.logs import image_grid, psnr
     from vqvae.model import to_model_range, to_uint8
-    from vqvae.trainer import image_grid, psnr
 
     model, meta = load_model(workdir, step)
     cfg = meta["model"]
@@ -38,7 +38,9 @@ def reconstruct(workdir: str, out: str, source: str | None, num: int, step: int 
         seed=meta["data"]["seed"],
         val_fraction=meta["data"]["val_fraction"],
     )
-    images = src.batch(0, num)["image"]  # (num, H, W, C) uint8, held out from training
+    first, keep = next(data_lib.held_out(src, num, num))
+    images = first["image"][:keep]  # (num, H, W, C) uint8, held out from training
+    num = len(images)
     recon = jax.jit(lambda x: to_uint8(model(to_model_range(x)).reconstruction))(images)
     recon = np.asarray(recon)
     mse = float(np.mean((recon.astype(np.float64) - images) ** 2) / 255.0**2)
@@ -82,9 +84,9 @@ def generate(workdir, out, num, temperature, top_k, label, seed, step) -> None:
     from flax import nnx
 
     from vqvae.checkpoint import load_model
+    from vqvae.logs import image_grid
     from vqvae.prior import sample
     from vqvae.tokenizer import Tokenizer
-    from vqvae.trainer import image_grid
 
     prior, meta = load_model(workdir, step, kind="prior")
     tok = Tokenizer.load(meta["tokenizer"])

@@ -7,12 +7,11 @@ Ctrl-C saves a checkpoint and exits.
 """
 
 import logging
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from vqvae.runtime import clean_errors, parse_flags, setup
+from vqvae.runtime import StopRequest, clean_errors, parse_flags, setup
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and images.")
@@ -22,9 +21,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    setup()
-
-    with clean_errors("train.py"):
+    stop = StopRequest()  # from here on Ctrl-C and SIGTERM stop the run cleanly
+    with stop.installed(), clean_errors("train.py"):
+        setup()
         try:
             config = _CONFIG.value
             config.get("steps")  # a config file that failed to load raises on first use
@@ -35,11 +34,10 @@ def main(argv):
             from vqvae.prior_trainer import PriorTrainer as Trainer
         else:
             from vqvae.trainer import Trainer
-        result = Trainer(config, _WORKDIR.value).train()
+        result = Trainer(config, _WORKDIR.value, stop=stop).train()
     if result:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items())
         logging.info("final evaluation: %s", shown)
-        print(f"final evaluation: {shown}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -125,3 +125,61 @@ def test_tfds_unprepared_fails_fast_with_advice(tmp_path):
         make_source("tfds:cifar10", image_size=32, data_dir=str(tmp_path))
     assert time.time() - t0 < 20  # no download attempts, no retries
     assert "folder:" in str(e.value) and "\n" not in str(e.value)
+
+
+def _png16(path, values, color_type):
+    """A 16-bit PNG of ``values`` (H, W) or (H, W, C) uint16: grey 0, RGB 2, grey+alpha 4."""
+    import struct
+    import zlib
+
+    h, w = values.shape[:2]
+    rows = b"".join(b"\x00" + values[r].astype(">u2").tobytes() for r in range(h))
+
+    def chunk(kind, data):
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("color_type,shape", [(0, (8, 8)), (2, (8, 8, 3)), (4, (8, 8, 2))])
+def test_16_bit_pngs_keep_their_values(tmp_path, color_type, shape):
+    from vqvae.data import decode_image
+
+    values = np.random.default_rng(color_type).integers(0, 65536, shape, dtype=np.uint16)
+    _png16(tmp_path / "x.png", values, color_type)
+    got = decode_image(tmp_path / "x.png", 8, 3, None)  # no resampling at the same size
+    grey = values if values.ndim == 2 else values[..., 0]
+    expected = values[..., :3] if color_type == 2 else np.repeat(grey[..., None], 3, -1)
+    np.testing.assert_array_equal(got, (expected >> 8).astype(np.uint8))  # the top 8 bits
+    assert got.std() > 30  # not the all-white image clipping makes
+
+
+def test_large_jpegs_are_decoded_at_reduced_scale(tmp_path, monkeypatch):
+    from vqvae import data as data_lib
+
+    big = np.asarray(Image.fromarray(_photo()).resize((2400, 1800), Image.BICUBIC))
+    Image.fromarray(big).save(tmp_path / "big.jpg", quality=90)
+    seen = []
+    real = data_lib._to_8bit
+    monkeypatch.setattr(data_lib, "_to_8bit", lambda im, c: seen.append(im.size) or real(im, c))
+    crop = data_lib.decode_image(tmp_path / "big.jpg", 64, 3, None)
+    assert seen == [(300, 225)]  # libjpeg decoded it at 1/8 scale, both sides still >= 64
+    with Image.open(tmp_path / "big.jpg") as im:  # the same crop from the full decode
+        side = 1800
+        full = np.asarray(
+            im.convert("RGB").resize((64, 64), Image.BICUBIC, box=(300, 0, 2100, side))
+        )
+    assert np.abs(crop.astype(int) - full).mean() < 6  # a misplaced crop: tens of levels
+
+
+def _photo():
+    import skimage.data
+
+    return skimage.data.astronaut()

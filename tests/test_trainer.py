@@ -121,8 +121,17 @@ def test_trains_and_evaluates_from_tfds_mock_data(tmp_path):
     c.eval_batches = 0  # the whole (mocked) test split, once
     with tfds.testing.mock_data(num_examples=48):
         result = Trainer(c, tmp_path).train()
-    assert result["examples"] == 48 and math.isfinite(result["normalized_mse"])
-    assert Checkpoints(tmp_path).latest_step() == 4
+        assert result["examples"] == 48 and math.isfinite(result["normalized_mse"])
+        assert Checkpoints(tmp_path).latest_step() == 4
+        # sample.py reconstructs from the checkpoint's own source, tfds included
+        import sample
+
+        out = tmp_path / "recon.png"
+        sample.main(["--workdir", str(tmp_path), "--out", str(out), "--num", "8"])
+    from PIL import Image
+
+    with Image.open(out) as im:  # inputs over reconstructions, 8 of 16 px
+        assert im.size == (8 * 16, 2 * 16)
 
 
 def test_kmeans_init_seeds_the_codebook_from_the_first_batch(tmp_path):
@@ -153,7 +162,7 @@ def test_a_signal_arriving_mid_step_still_saves_before_stopping(tmp_path):
         def evaluate(self, state, step):
             out = super().evaluate(state, step)
             if step == 5:  # as if SIGTERM landed after the step decided not to save
-                self._on_signal(signal.SIGTERM, None)
+                self.stop(signal.SIGTERM, None)
             return out
 
     SignalDuringEval(config(eval_every=5, checkpoint_every=100), tmp_path).train()

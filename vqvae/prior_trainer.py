@@ -72,7 +72,7 @@ class PriorTrainer(Trainer):
         return np.where((labels >= 0) & (labels < n), labels, -1).astype(np.int32)
 
     def _train_batches(self, start: int):
-        host = data_lib.host_batches(self._source(train=True), self.config.batch_size, start)
+        host = data_lib.host_batches(self.train_source, self.config.batch_size, start)
         fixed = (self._as_tokens(b) for b in host)
         fixed = ({**b, "label": self._labels(b["label"])} for b in fixed)
         return data_lib.to_global(fixed, batch_sharding(self.mesh))
@@ -80,21 +80,23 @@ class PriorTrainer(Trainer):
     def _meta(self, data_variance: float) -> dict[str, Any]:
         return {**super()._meta(data_variance), "tokenizer": str(self.tokenizer.workdir)}
 
+    def _make_eval_step(self):
+        graphdef = self.graphdef
+
+        def nats(params, rest, batch):  # summed over the batch
+            model = nnx.merge(graphdef, params, rest)
+            tokens = batch["tokens"].reshape(batch["tokens"].shape[0], -1)
+            logits = model(tokens, batch["label"])
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)  # (B, L)
+            return jnp.sum(ce * batch["weight"][:, None])
+
+        return nats
+
     def evaluate(self, state: dict, step: int) -> dict[str, float]:
         """Held-out cross-entropy: bits per token and bits per image dimension."""
         cfg = self.config
-        if not hasattr(self, "_eval_step"):
-            graphdef = self.graphdef
-
-            def nats(params, rest, batch):  # summed over the batch
-                model = nnx.merge(graphdef, params, rest)
-                tokens = batch["tokens"].reshape(batch["tokens"].shape[0], -1)
-                logits = model(tokens, batch["label"])
-                ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)  # (B, L)
-                return jnp.sum(ce * batch["weight"][:, None])
-
-            self._eval_step = jax.jit(nats)
-            self._eval_source = self._source(train=False)
+        if not hasattr(self, "_eval_source"):
+            self._prepare_eval()
         bs = cfg.eval_batch_size
         n = self._eval_source.num_examples
         total = min(cfg.eval_batches * bs, n) if cfg.eval_batches else n  # each one once

@@ -17,7 +17,13 @@ DATA = "data"
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
     """A 1-D mesh over the first ``num_devices`` devices (all by default)."""
-    devices = jax.devices()[: num_devices or jax.device_count()]
+    available = jax.device_count()
+    if num_devices and num_devices > available:
+        raise ValueError(
+            f"num_devices={num_devices}, but only {available} device(s) are visible "
+            f"({jax.devices()[0].platform}); use at most {available}, or 0 for all"
+        )
+    devices = jax.devices()[: num_devices or available]
     return jax.make_mesh((len(devices),), (DATA,), axis_types=(AxisType.Auto,), devices=devices)
 
 
@@ -30,11 +36,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+def check_batch_size(batch_size: int, mesh: Mesh, name: str = "batch_size") -> None:
     n = mesh.shape[DATA]
     if batch_size % n:
         raise ValueError(
-            f"batch_size {batch_size} is not divisible by the {n} devices of the mesh; "
+            f"{name} {batch_size} is not divisible by the {n} devices of the mesh; "
             f"use a multiple of {n}"
         )
 

@@ -6,12 +6,10 @@ explicit in/out shardings and the old state donated. State is created already sh
 (``jax.jit(init, out_shardings=...)``), in one compiled program rather than one per array.
 """
 
-import json
+import contextlib
+import functools
 import logging
 import math
-import signal
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +19,14 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from PIL import Image
 
 from vqvae import data as data_lib
-from vqvae.checkpoint import Checkpoints
+from vqvae.checkpoint import Checkpoints, DamagedCheckpoint
+from vqvae.lock import WorkdirLock
+from vqvae.logs import MetricsLog, Progress, image_grid, psnr
 from vqvae.model import VQVAEConfig, to_model_range, to_uint8, vqvae_loss
 from vqvae.quantizer import codebook_health
+from vqvae.runtime import StopRequest
 from vqvae.sharding import batch_sharding, check_batch_size, make_mesh, replicated, state_shardings
 
 log = logging.getLogger(__name__)
@@ -104,73 +104,28 @@ def make_eval_step(graphdef):
     return eval_step
 
 
-def psnr(mse: float) -> float:
-    """Peak signal-to-noise ratio in dB of an MSE over pixels in [0, 1]."""
-    return float(10 * np.log10(1.0 / max(mse, 1e-12)))
-
-
-def image_grid(rows: list[np.ndarray], path: Path) -> None:
-    """Write rows of uint8 images (n, H, W, C) as one PNG, atomically."""
-    tiles = [np.concatenate(list(r), axis=1) for r in rows]
-    grid = np.concatenate(tiles, axis=0)
-    if grid.shape[-1] == 1:
-        grid = grid[..., 0]
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(grid).save(tmp)
-    tmp.replace(path)
-
-
-class MetricsLog:
-    """metrics.jsonl and TensorBoard event files in the workdir."""
-
-    def __init__(self, workdir: Path, tensorboard: bool = True):
-        self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115
-        self.tb = None
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
-
-    def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
-        self.jsonl.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
-        self.jsonl.flush()
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(f"{split}/{k}", v, step)
-
-    def close(self) -> None:
-        self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-class Progress:
-    """One line: step, loss, images/s and ETA; redrawn in place on a terminal."""
-
-    def __init__(self, total: int, start: int, batch_size: int):
-        self.total, self.start, self.batch_size = total, start, batch_size
-        self.t0, self.tty = time.time(), sys.stderr.isatty()
-
-    def update(self, step: int, loss: float) -> str:
-        done = step - self.start
-        elapsed = max(time.time() - self.t0, 1e-9)
-        rate = done * self.batch_size / elapsed
-        eta = (self.total - step) * elapsed / max(done, 1)
-        bar = "#" * int(20 * step / self.total)
-        line = (
-            f"[{bar:<20}] step {step}/{self.total} loss {loss:.4f} "
-            f"{rate:,.0f} img/s ETA {int(eta // 60)}m{int(eta % 60):02d}s"
-        )
-        print(("\r" if self.tty else "") + line, end="" if self.tty else "\n", file=sys.stderr)
-        return line
-
-    def close(self) -> None:
-        if self.tty:
-            print(file=sys.stderr)
-
-
 def _finite(metrics: dict[str, float]) -> bool:
     return all(math.isfinite(v) for v in metrics.values())
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Refuse settings that would lose work or crash later, each with a one-line reason."""
+
+    def need(key: str, low: int, why: str) -> None:
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{key} must be an integer >= {low} ({why}), got {value!r}")
+
+    need("steps", 1, "the number of training steps")
+    need("batch_size", 1, "images per step")
+    need("checkpoint_every", 1, "checkpoints are what a run resumes from")
+    need("keep_checkpoints", 1, "at least the latest checkpoint is kept")
+    need("log_every", 0, "0: no periodic logging")
+    need("eval_every", 0, "0: no evaluation")
+    need("eval_batches", 0, "0: every held-out example once")
+    if config.eval_every:
+        need("eval_batch_size", 1, "held-out images per evaluation batch")
+    need("num_devices", 0, "0: every device")
 
 
 class Trainer:
@@ -183,16 +138,23 @@ class Trainer:
 
     kind = "vqvae"
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, arrays=None):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: str | Path,
+        arrays=None,
+        stop: StopRequest | None = None,
+    ):
+        check_config(config)
         self.config, self.arrays = config, arrays
         self.workdir = Path(workdir).expanduser()
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.stop = stop or StopRequest()
         self.model_config = self._model_config()
         self.mesh = make_mesh(config.get("num_devices") or None)
         check_batch_size(config.batch_size, self.mesh)
+        if config.eval_every:
+            check_batch_size(config.eval_batch_size, self.mesh, "eval_batch_size")
         self.tx = make_optimizer(config.optim, config.steps)
-        self.ckpt = Checkpoints(self.workdir, max_to_keep=config.keep_checkpoints)
-        self._stop_signal: int | None = None
 
         def init():
             model = self.model_config.build(nnx.Rngs(config.seed))
@@ -222,12 +184,18 @@ class Trainer:
 
     def _train_batches(self, start: int):
         """Global sharded training batches from step ``start`` on."""
-        source = self._source(train=True)
+        source = self.train_source
         return data_lib.global_batches(
             source, self.config.batch_size, batch_sharding(self.mesh), start
         )
 
     # --- state -------------------------------------------------------------------------
+    @functools.cached_property
+    def ckpt(self) -> Checkpoints:
+        """The workdir's checkpoints (the workdir is created on first use)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        return Checkpoints(self.workdir, max_to_keep=self.config.keep_checkpoints)
+
     def _meta(self, data_variance: float) -> dict[str, Any]:
         return {
             "kind": self.kind,
@@ -242,25 +210,38 @@ class Trainer:
         }
 
     def restore_or_init(self) -> tuple[dict, float]:
-        """The latest checkpoint's state (and data variance), or fresh state."""
-        step = self.ckpt.latest_step()
-        if step is None:
-            state = self.init_state()
-            if self.config.get("kmeans_init", False):
-                state = self._kmeans_init(state)
-            return state, self._data_stats()
-        if self.ckpt.meta(step)["model"] != self.model_config.to_dict():
-            raise ValueError(
-                f"{self.workdir} holds a checkpoint of a different model; use a new --workdir"
-            )
+        """The newest intact checkpoint's state (and data variance), or fresh state.
+
+        A damaged checkpoint is moved to ``WORKDIR/damaged/`` (never deleted), said in one
+        line, and the one before it is tried.
+        """
         a = self.abstract_state
-        model, train, meta = self.ckpt.restore(
-            step,
-            {"params": a["params"], "rest": a["rest"]},
-            {"opt": a["opt"], "step": a["step"]},
-        )
-        log.info("resumed from step %d", step)
-        return {**model, **train}, float(meta["data_variance"])
+        damaged = []
+        for step in self.ckpt.steps():
+            try:
+                if self.ckpt.meta(step)["model"] != self.model_config.to_dict():
+                    raise ValueError(
+                        f"{self.workdir} holds checkpoint {step} of a different model; use a "
+                        "new --workdir (or the config it was trained with)"
+                    )
+                model, train, meta = self.ckpt.restore(
+                    step,
+                    {"params": a["params"], "rest": a["rest"]},
+                    {"opt": a["opt"], "step": a["step"]},
+                )
+            except DamagedCheckpoint as e:
+                where = self.ckpt.set_aside(step)
+                log.warning("skipped %s; moved it to %s", e, where)
+                damaged.append(step)
+                continue
+            log.info("resumed from step %d", step)
+            return {**model, **train}, float(meta["data_variance"])
+        if damaged:
+            log.warning("no intact checkpoint left: starting again from step 0")
+        state = self.init_state()
+        if self.config.get("kmeans_init", False):
+            state = self._kmeans_init(state)
+        return state, self._data_stats()
 
     def _kmeans_init(self, state: dict) -> dict:
         """Codebook (and EMA state) from k-means on the encoder's outputs for batch 0."""
@@ -281,7 +262,7 @@ class Trainer:
 
     def _data_stats(self, batches: int = 8, batch_size: int = 256) -> float:
         """Pixel variance of a few thousand training images, for the normalised MSE."""
-        src = self._source(train=True)
+        src = self.train_source
         n = total = total_sq = 0.0
         first = data_lib.host_batches(src, batch_size)  # a separate pass: no effect on training
         for _, host in zip(range(batches), first, strict=False):
@@ -289,9 +270,18 @@ class Trainer:
             n, total, total_sq = n + x.size, total + x.sum(), total_sq + np.square(x).sum()
         return float(total_sq / n - (total / n) ** 2)
 
+    @functools.cached_property
+    def train_source(self):
+        return self._source(train=True)
+
+    @functools.cached_property
+    def _sources(self) -> list:
+        """Every source this trainer made, for the end-of-run count of skipped files."""
+        return []
+
     def _source(self, train: bool):
         d, m = self.config.data, self.model_config
-        return data_lib.make_source(
+        source = data_lib.make_source(
             d.source,
             image_size=m.image_size,
             channels=m.channels,
@@ -302,6 +292,8 @@ class Trainer:
             data_dir=d.get("data_dir") or None,
             download=d.get("download", False),
         )
+        self._sources.append(source)
+        return source
 
     def compile_step(self, data_variance: float):
         """The train step, jitted with this mesh's shardings; the input state is donated."""
@@ -313,31 +305,61 @@ class Trainer:
         )
 
     # --- loop --------------------------------------------------------------------------
-    def _on_signal(self, signum, _frame):
-        self._stop_signal = signum
+    def _starting_stopped(self) -> bool:
+        """A signal during start-up (restore, compile): stop before training, said once."""
+        if self.stop.signal is None:
+            return False
+        log.warning(
+            "%s during start-up: stopped before training; nothing new to save", self.stop.name
+        )
+        return True
 
     def train(self) -> dict:
-        """Run to ``config.steps``; returns the last evaluation's metrics."""
+        """Run to ``config.steps``; returns the last evaluation's metrics ({} if none ran).
+
+        Holds the workdir's lock for the whole run. SIGTERM or SIGINT stops it cleanly: in
+        start-up before anything is written, later after saving the current step.
+        """
+        with self.stop.installed():
+            if self._starting_stopped():
+                return {}
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            lock = WorkdirLock(self.workdir) if jax.process_index() == 0 else None
+            with lock or contextlib.nullcontext():
+                return self._run()
+
+    def _run(self) -> dict:
         cfg = self.config
+        self.train_source  # noqa: B018  (built first: bad data input fails before anything)
+        if cfg.eval_every:
+            self._prepare_eval()
+        log.info(
+            "starting: %s, %d process(es), %d device(s) (%s)",
+            self.workdir,
+            jax.process_count(),
+            self.mesh.size,
+            jax.devices()[0].platform,
+        )
         state, data_variance = self.restore_or_init()
         self.data_variance = data_variance
         start = int(state["step"])
         batches = self._train_batches(start)
         step_fn = self.compile_step(data_variance)
+        if self._starting_stopped():
+            return {}
         meta = self._meta(data_variance)
-        metrics_log = MetricsLog(self.workdir, cfg.get("tensorboard", True))
+        metrics_log = MetricsLog(self.workdir, start, cfg.get("tensorboard", True))
         progress = Progress(cfg.steps, start, cfg.batch_size)
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         last_saved, eval_metrics = start, {}
         try:
             with jax.set_mesh(self.mesh):
                 for step in range(start + 1, cfg.steps + 1):
                     state, metrics = step_fn(state, next(batches))
                     # read once: a signal landing later in this step is acted on at the next
-                    stop = self._stop_signal
+                    stop = self.stop.signal
                     last = step == cfg.steps or stop is not None
                     save = step % cfg.checkpoint_every == 0 or last
-                    if step % cfg.log_every == 0 or save:
+                    if (cfg.log_every and step % cfg.log_every == 0) or save:
                         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                         if not _finite(host):
                             raise TrainingDiverged(
@@ -347,10 +369,7 @@ class Trainer:
                             )
                         metrics_log.write(step, "train", host)
                         progress.update(step, host["loss"])
-                    if step % cfg.eval_every == 0 or last:
-                        eval_metrics = self.evaluate(state, step)
-                        metrics_log.write(step, "eval", eval_metrics)
-                    if save:
+                    if save:  # before evaluating: an evaluation that fails loses nothing
                         self.ckpt.save(
                             step,
                             {k: state[k] for k in ("params", "rest")},
@@ -358,29 +377,52 @@ class Trainer:
                             meta,
                         )
                         last_saved = step
+                    if cfg.eval_every and (step % cfg.eval_every == 0 or last):
+                        eval_metrics = self.evaluate(state, step)
+                        metrics_log.write(step, "eval", eval_metrics)
                     if stop is not None:
-                        name = signal.Signals(stop).name
+                        name = self.stop.name
                         log.warning("%s: saved step %d; rerun to resume", name, step)
                         break
         finally:
             progress.close()
             self.ckpt.wait()
             metrics_log.close()
-            for s, h in previous.items():
-                signal.signal(s, h)
+        self._report_skipped()
         self.state = state
         return eval_metrics
 
+    def _report_skipped(self) -> None:
+        """One line at the end of a run when unreadable image files were left out."""
+        skipped = sorted(set().union(*(getattr(s, "skipped", ()) for s in self._sources)))
+        if skipped:
+            log.warning(
+                "%d unreadable image file(s) were skipped during this run (first: %s)",
+                len(skipped),
+                skipped[0],
+            )
+
     # --- evaluation --------------------------------------------------------------------
+    def _prepare_eval(self) -> None:
+        """Build the held-out source and read its first batch now, at start-up, so that a
+        missing or unreadable held-out set fails before any training, not at step N."""
+        self._eval_source = self._source(train=False)
+        first, _ = next(data_lib.held_out(self._eval_source, self.config.eval_batch_size, 1))
+        if not len(next(iter(first.values()))):
+            raise data_lib.DataError(f"{self.config.data.source} has no readable held-out examples")
+        self._eval_step = jax.jit(self._make_eval_step())
+
+    def _make_eval_step(self):
+        return make_eval_step(self.graphdef)
+
     def evaluate(self, state: dict, step: int) -> dict[str, float]:
         """MSE, PSNR, perplexity, codebook usage and dead codes on held-out data; a PNG grid.
 
         ``eval_batches`` batches, or with 0 every held-out example once.
         """
         cfg, m = self.config, self.model_config
-        if not hasattr(self, "_eval_step"):
-            self._eval_step = jax.jit(make_eval_step(self.graphdef))
-            self._eval_source = self._source(train=False)
+        if not hasattr(self, "_eval_source"):
+            self._prepare_eval()
         bs = cfg.eval_batch_size
         total = cfg.eval_batches * bs or self._eval_source.num_examples
         per_image, counts, first = [], np.zeros(m.num_codes), None
