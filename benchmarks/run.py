@@ -1,15 +1,19 @@
 """Benchmark suite: training throughput, the nearest-code lookup, memory.
 
     python benchmarks/run.py [--preset sonnet-cifar|f8-256|all] [--quick] [--json out.json]
+        [--only CASE ...] [--isolate auto|always|never]
 
 Training cases time the package's own train step (``Trainer.compile_step``: one jit with
 shardings and donation) on random uint8 images; the comparison case runs the same loss with
 ``@nnx.jit`` on the module and ``nnx.Optimizer``. Lookup cases time ``nearest_codes`` at each
 precision against the naive full-matrix argmin. Times are medians over timed calls after
-warm-up, each ended by ``block_until_ready``. Extra memory is XLA's own figure for the
-compiled program's temporary buffers (any backend); peak device memory where the device
-reports it. FLOPs are analytic (``vqvae.flops``). ``--quick`` shrinks every case to run on
-a CPU in a couple of minutes; it proves the suite runs, not how fast anything is.
+warm-up, each ended by ``block_until_ready``. Memory, per case: XLA's plan for the compiled
+program (``program_bytes``: weights, inputs, outputs, temporaries; ``temp_bytes`` the
+temporaries alone), on any backend; and the device's own peak where it reports one. That
+peak is never reset within a process, so with ``--isolate auto`` (the default) every case
+runs in a fresh process wherever the device reports it. FLOPs are analytic
+(``vqvae.flops``). ``--quick`` shrinks every case to run on a CPU in a couple of minutes; it
+proves the suite runs, not how fast anything is.
 """
 
 import argparse
@@ -31,6 +35,12 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs.common import base  # noqa: E402
+from vqvae.devicestats import (  # noqa: E402
+    device_peak_bytes,
+    in_fresh_process,
+    program_bytes,
+    reports_peak_memory,  # noqa: E402
+)
 from vqvae.flops import count_flops  # noqa: E402
 from vqvae.model import PRESETS, to_model_range, vqvae_loss  # noqa: E402
 from vqvae.quantizer import nearest_codes  # noqa: E402
@@ -47,8 +57,7 @@ def device_peak() -> float | None:
 
 
 def peak_memory() -> int | None:
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use")
+    return device_peak_bytes()[0]
 
 
 def timed(fn, *args, warmup: int, iters: int) -> tuple[float, object]:
@@ -96,6 +105,7 @@ def bench_train(name: str, case: dict, warmup: int, iters: int) -> dict:
     step = trainer.compile_step(0.06).lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     temp = step.memory_analysis().temp_size_in_bytes if step.memory_analysis() else None
+    planned = program_bytes(step)
 
     def run(state):  # donation: each call consumes the state it is given
         return step(state, batch)[0]
@@ -120,8 +130,9 @@ def bench_train(name: str, case: dict, warmup: int, iters: int) -> dict:
         "compile_s": compile_s,
         "tflops": flops / step_s / 1e12,
         "mfu": flops / step_s / peak if peak else None,
+        "program_bytes": planned,
         "temp_bytes": temp,
-        "peak_bytes": peak_memory(),
+        "peak_bytes": peak_memory(),  # before the comparison below adds its own
     }
     result |= _nnx_jit_comparison(model_cfg, host, warmup, iters, step_s)
     return result
@@ -167,41 +178,66 @@ LOOKUP_CASES = {"lookup": (32768, 16384, 256), "lookup-large": (262144, 65536, 2
 QUICK_LOOKUP = {"lookup": (16384, 4096, 16), "lookup-large": (32768, 8192, 16)}
 
 
-def bench_lookup(name, n, k, d, warmup, iters, naive: bool) -> list[dict]:
+LOOKUP_VARIANTS = ("highest", "default", "rerank", "naive full matrix")
+
+
+def _lookup_fn(variant: str):
+    if variant == "naive full matrix":
+        return lambda z, e: jnp.argmin(
+            jnp.sum(e * e, -1)[None] - 2 * jnp.dot(z, e.T, precision="highest"), axis=1
+        )
+    return partial(nearest_codes, precision=variant)
+
+
+def bench_lookup(name, n, k, d, variant, warmup, iters) -> dict:
     kz, ke = jax.random.split(jax.random.key(0))
     z = jax.random.normal(kz, (n, d), jnp.float32)
     e = jax.random.normal(ke, (k, d), jnp.float32)
-    exact = None
-    rows = []
-    variants = {p: partial(nearest_codes, precision=p) for p in ("highest", "default", "rerank")}
-    if naive:
-        variants["naive full matrix"] = lambda z, e: jnp.argmin(
-            jnp.sum(e * e, -1)[None] - 2 * jnp.dot(z, e.T, precision="highest"), axis=1
-        )
-    for label, fn in variants.items():
-        compiled = jax.jit(fn).lower(z, e).compile()
-        mem = compiled.memory_analysis()
-        secs, idx = timed(compiled, z, e, warmup=warmup, iters=iters)
-        idx = np.asarray(idx)
-        if label == "highest":
-            exact = idx
-        rows.append(
-            {
-                "case": f"{name} {n}x{k}x{d} {label}",
-                "ms": secs * 1e3,
-                "tflops": 2 * n * k * d / secs / 1e12,
-                "agree_exact": float(np.mean(idx == exact)),
-                "temp_bytes": mem.temp_size_in_bytes if mem else None,
-                "peak_bytes": peak_memory(),
-            }
-        )
-    if naive:
-        naive_row = rows[-1]
-        for r in rows[:-1]:
-            r["naive_over_this_time"] = naive_row["ms"] / r["ms"]
+    compiled = jax.jit(_lookup_fn(variant)).lower(z, e).compile()
+    mem = compiled.memory_analysis()
+    secs, idx = timed(compiled, z, e, warmup=warmup, iters=iters)
+    peak = peak_memory()  # this variant's alone: the exact reference runs after it
+    exact = idx if variant == "highest" else jax.jit(_lookup_fn("highest"))(z, e)
+    return {
+        "case": f"{name} {n}x{k}x{d} {variant}",
+        "ms": secs * 1e3,
+        "tflops": 2 * n * k * d / secs / 1e12,
+        "agree_exact": float(np.mean(np.asarray(idx) == np.asarray(exact))),
+        "program_bytes": program_bytes(compiled),
+        "temp_bytes": mem.temp_size_in_bytes if mem else None,
+        "peak_bytes": peak,
+    }
+
+
+def _compare_to_naive(rows: list[dict]) -> None:
+    """naive time / this and naive memory / this, for the rows of the naive case's shape."""
+    for naive in [r for r in rows if r["case"].endswith("naive full matrix")]:
+        shape = naive["case"].removesuffix(" naive full matrix")
+        for r in rows:
+            if r is naive or not r["case"].startswith(shape + " "):
+                continue
+            r["naive_over_this_time"] = naive["ms"] / r["ms"]
             if r["temp_bytes"]:
-                r["naive_over_this_memory"] = naive_row["temp_bytes"] / r["temp_bytes"]
-    return rows
+                r["naive_over_this_memory"] = naive["temp_bytes"] / r["temp_bytes"]
+
+
+# --- the cases ----------------------------------------------------------------------------
+def cases(presets: list[str], quick: bool) -> dict:
+    """Every case by name -> (group, a function returning its row)."""
+    warmup, iters = (1, 3) if quick else (3, 20)
+    train_cases = QUICK_TRAIN if quick else TRAIN_CASES
+    out = {}
+    for name in presets:
+        out[f"train {name}"] = (
+            "train",
+            partial(bench_train, name, train_cases[name], warmup, iters),
+        )
+    for name, (n, k, d) in (QUICK_LOOKUP if quick else LOOKUP_CASES).items():
+        # the naive N x K matrix of the large case would need 64 GiB: not run
+        for variant in LOOKUP_VARIANTS[: None if name == "lookup" else -1]:
+            fn = partial(bench_lookup, name, n, k, d, variant, warmup, iters)
+            out[f"{name} {variant}"] = ("lookup", fn)
+    return out
 
 
 # --- output -----------------------------------------------------------------------------
@@ -227,30 +263,49 @@ def main(argv=None) -> None:
     p.add_argument("--preset", default="all", choices=["sonnet-cifar", "f8-256", "all"])
     p.add_argument("--quick", action="store_true", help="tiny shapes: a CPU smoke run")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--only", nargs="+", default=None, metavar="CASE", help="run these cases")
+    p.add_argument(
+        "--isolate",
+        default="auto",
+        choices=["auto", "always", "never"],
+        help="a fresh process per case (auto: where the device reports peak memory)",
+    )
+    p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # one case, as JSON
     args = p.parse_args(argv)
-    warmup, iters = (1, 3) if args.quick else (3, 20)
     presets = ["sonnet-cifar", "f8-256"] if args.preset == "all" else [args.preset]
-    train_cases = QUICK_TRAIN if args.quick else TRAIN_CASES
-    lookup_cases = QUICK_LOOKUP if args.quick else LOOKUP_CASES
+    registry = cases(presets, args.quick)
+    if args.case:
+        print(json.dumps(registry[args.case][1]()))
+        return
+    chosen = args.only or list(registry)
+    unknown = [c for c in chosen if c not in registry]
+    if unknown:
+        p.error(f"unknown case(s) {unknown}; the cases: {sorted(registry)}")
+    isolate = args.isolate == "always" or (args.isolate == "auto" and reports_peak_memory())
     device = jax.devices()[0]
     env = {
         "device": f"{jax.device_count()} x {device.device_kind} ({device.platform})",
         "jax": jax.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "quick": args.quick,
+        "isolated": isolate,
     }
     print(f"# {env['device']}, jax {env['jax']}, {env['date']}", file=sys.stderr)
-    train = [bench_train(name, train_cases[name], warmup, iters) for name in presets]
-    lookup = []
-    for name, (n, k, d) in lookup_cases.items():
-        # the naive N x K matrix of the large case would need 64 GiB: not run
-        lookup += bench_lookup(name, n, k, d, warmup, iters, naive=name == "lookup")
-    print(table(train))
-    print()
-    print(table(lookup))
+    groups: dict[str, list[dict]] = {}
+    for name in chosen:
+        group, fn = registry[name]
+        if isolate:
+            argv = [str(Path(__file__).resolve()), "--preset", args.preset, "--case", name]
+            row = in_fresh_process(argv + (["--quick"] if args.quick else []))
+        else:
+            row = fn()
+        groups.setdefault(group, []).append(row)
+    _compare_to_naive(groups.get("lookup", []))
+    for rows in groups.values():
+        print(table(rows))
+        print()
     if args.json:
-        out = {"env": env, "train": train, "lookup": lookup}
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        Path(args.json).write_text(json.dumps({"env": env, **groups}, indent=2))
 
 
 if __name__ == "__main__":

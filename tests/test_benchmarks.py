@@ -18,11 +18,12 @@ def test_quick_benchmark_suite_runs(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
-    assert result["env"]["quick"] is True
+    assert result["env"]["quick"] is True and result["env"]["isolated"] is False  # CPU: no peak
     train = {r["case"]: r for r in result["train"]}
     assert set(train) == {"train sonnet-cifar", "train f8-256"}
     for r in train.values():
         assert r["images_per_s"] > 0 and r["compile_s"] > 0 and r["tflops"] > 0
+        assert r["program_bytes"] > r["temp_bytes"] > 0
         assert r["nnx_jit_over_split_merge"] > 0
     lookup = {r["case"]: r for r in result["lookup"]}
     assert any("naive full matrix" in c for c in lookup) and any("rerank" in c for c in lookup)
@@ -31,3 +32,26 @@ def test_quick_benchmark_suite_runs(tmp_path):
     blocked = next(r for c, r in lookup.items() if c.startswith("lookup ") and "highest" in c)
     assert blocked["naive_over_this_memory"] > 1  # the blocked lookup needs less memory
     assert "| case |" in proc.stdout
+
+
+def test_a_case_runs_alone_in_a_fresh_process(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--isolate", "always", "--only", "lookup rerank", "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["env"]["isolated"] is True and "train" not in result
+    (row,) = result["lookup"]
+    assert row["case"] == "lookup 16384x4096x16 rerank" and row["agree_exact"] >= 0.999
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "unknown case(s) ['nope']" in bad.stderr

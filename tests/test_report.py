@@ -1,5 +1,6 @@
 """The efficiency report: analytic figures checked by hand, and the command line."""
 
+import json
 import subprocess
 import sys
 
@@ -46,4 +47,44 @@ def test_report_command(trained10):
     )
     assert out.returncode == 0, out.stderr
     assert "compression_ratio" in out.stdout and "latency_ms_batch1" in out.stdout
-    assert out.stdout.count("[hw]") == 3
+    hw = dict(
+        line.rsplit(None, 1)[0].split(None, 1) for line in out.stdout.splitlines() if "[hw]" in line
+    )
+    assert len(hw) == 8
+    for name in ("encode", "decode"):
+        assert float(hw[f"{name}_xla_memory_mb_batch8"]) > 0
+        assert (
+            hw[f"{name}_device_peak_mb_batch8"]
+            == "n/a: the cpu device reports no memory statistics"
+        )
+    assert hw["energy_mj_per_image"] == "n/a: the cpu device reports no power"
+    # the child that measures one program's device peak in a fresh process
+    child = subprocess.run(
+        [sys.executable, "-m", "vqvae.report", "--workdir", str(trained10), "--peak-of", "decode"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert child.returncode == 0 and json.loads(child.stdout) == {"peak_bytes": None}
+
+
+def test_planned_memory_is_weights_inputs_and_temporaries_and_grows_with_batch():
+    from flax import nnx
+
+    from vqvae.devicestats import program_bytes
+    from vqvae.report import _programs
+
+    config = PRESETS["sonnet-cifar"]
+    model = config.build(nnx.Rngs(0))
+    sizes = {}
+    for batch in (8, 64):
+        state, programs = _programs(model, config, batch)
+        fn, x = programs["encode"]
+        compiled = fn.lower(state, x).compile()
+        m = compiled.memory_analysis()
+        sizes[batch] = program_bytes(compiled)
+        assert (
+            sizes[batch] == m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+        )
+        assert m.argument_size_in_bytes > x.nbytes  # the encoder's weights are in it
+    assert sizes[64] > 4 * sizes[8] > 0

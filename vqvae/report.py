@@ -5,10 +5,15 @@
     python -m vqvae.report --config configs/default.py
 
 Figures marked [hw] depend on the device they are measured on; the rest follow from the
-architecture alone.
+architecture alone. Memory is XLA's plan for each compiled program (weights, inputs, outputs and
+temporaries) everywhere, and the
+device's own peak (weights included; each program in a fresh process) where the device
+reports one; energy per image comes from NVML on NVIDIA GPUs (``pip install 'vqvae[gpu]'``).
+A figure a device cannot give reads "n/a: <why>".
 """
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -20,6 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vqvae.devicestats import (
+    device_peak_bytes,
+    energy_per_item,
+    in_fresh_process,
+    program_bytes,
+    reports_peak_memory,
+)
 from vqvae.flops import count_flops
 from vqvae.model import PRESETS, VQVAEConfig
 
@@ -67,14 +79,25 @@ def static_figures(config: VQVAEConfig) -> dict:
     }
 
 
-def hardware_figures(model, config: VQVAEConfig, batch: int = 64, iters: int = 10) -> dict:
-    """[hw] latency at batch 1 and throughput at ``batch``, encode + decode."""
+def _programs(model, config: VQVAEConfig, batch: int):
+    """Jitted encode, decode and round trip with example inputs at ``batch``."""
     graphdef, state = nnx.split(model)
+    merge = lambda s: nnx.merge(graphdef, s)  # noqa: E731
+    encode = jax.jit(lambda s, x: merge(s).encode_to_indices(x))
+    decode = jax.jit(lambda s, i: merge(s).decode_indices(i))
+    roundtrip = jax.jit(lambda s, x: merge(s).decode_indices(merge(s).encode_to_indices(x)))
+    size, c, h = config.image_size, config.channels, config.grid_size
+    x = jnp.zeros((batch, size, size, c))
+    idx = jnp.zeros((batch, h, h), jnp.int32)
+    return state, {"encode": (encode, x), "decode": (decode, idx), "roundtrip": (roundtrip, x)}
 
-    @jax.jit
-    def roundtrip(state, x):
-        m = nnx.merge(graphdef, state)
-        return m.decode_indices(m.encode_to_indices(x))
+
+def hardware_figures(
+    model, config: VQVAEConfig, batch: int = 64, iters: int = 10, source_argv=()
+) -> dict:
+    """[hw] latency at batch 1, throughput, memory and energy per image at ``batch``."""
+    state, programs = _programs(model, config, batch)
+    roundtrip, x = programs["roundtrip"]
 
     def median_time(x):
         jax.block_until_ready(roundtrip(state, x))  # compile and warm up
@@ -85,14 +108,35 @@ def hardware_figures(model, config: VQVAEConfig, batch: int = 64, iters: int = 1
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
-    size, c = config.image_size, config.channels
-    one = median_time(jnp.zeros((1, size, size, c)))
-    many = median_time(jnp.zeros((batch, size, size, c)))
-    return {
+    one = median_time(x[:1])
+    many = median_time(x)
+    out = {
         "device": f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform})",
         "latency_ms_batch1": one * 1e3,
         f"images_per_s_batch{batch}": batch / many,
     }
+    for name in ("encode", "decode"):
+        fn, arg = programs[name]
+        planned = program_bytes(fn.lower(state, arg).compile())
+        out[f"{name}_xla_memory_mb_batch{batch}"] = planned / 1e6 if planned else "n/a"
+    for name in ("encode", "decode"):
+        key = f"{name}_device_peak_mb_batch{batch}"
+        if reports_peak_memory():
+            argv = ["-m", "vqvae.report", *source_argv, "--batch", str(batch), "--peak-of", name]
+            out[key] = in_fresh_process(argv)["peak_bytes"] / 1e6
+        else:
+            out[key] = device_peak_bytes()[1]
+    joules, note = energy_per_item(lambda: jax.block_until_ready(roundtrip(state, x)), batch)
+    out["energy_mj_per_image"] = joules * 1e3 if joules is not None else note
+    return out
+
+
+def _peak_of(model, config: VQVAEConfig, batch: int, name: str) -> None:
+    """Run one program once and print the device's peak memory as JSON (a child process)."""
+    state, programs = _programs(model, config, batch)
+    fn, arg = programs[name]
+    jax.block_until_ready(fn(state, arg))
+    print(json.dumps({"peak_bytes": device_peak_bytes()[0]}))
 
 
 def _config_from_args(args):
@@ -122,17 +166,23 @@ def main(argv=None) -> None:
     src.add_argument("--config", help="a config file (configs/NAME.py)")
     p.add_argument("--batch", type=int, default=64, help="batch for the throughput figure")
     p.add_argument("--no-timing", action="store_true", help="skip the [hw] figures")
+    p.add_argument("--peak-of", choices=["encode", "decode"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     from vqvae.runtime import clean_errors, setup
 
     setup()
     with clean_errors("report"):
         config, model = _config_from_args(args)
+        model = model if model is not None or args.no_timing else config.build(nnx.Rngs(0))
+        if args.peak_of:
+            return _peak_of(model, config, args.batch, args.peak_of)
         rows = static_figures(config)
         hw = {}
         if not args.no_timing:
-            model = model if model is not None else config.build(nnx.Rngs(0))
-            hw = hardware_figures(model, config, args.batch)
+            source = [
+                f"--{k}={v}" for k in ("workdir", "preset", "config") if (v := getattr(args, k))
+            ]
+            hw = hardware_figures(model, config, args.batch, source_argv=source)
     for k, v in rows.items():
         print(f"{k:28s} {_fmt(v)}")
     for k, v in hw.items():
