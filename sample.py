@@ -30,16 +30,13 @@ def reconstruct(workdir: str, out: str, source: str | None, num: int, step: int 
 
     model, meta = load_model(workdir, step)
     cfg = meta["model"]
+    data = {**meta["data"], "source": source or meta["data"]["source"]}
     src = data_lib.make_source(
-        source or meta["data"]["source"],
-        image_size=cfg["image_size"],
-        channels=cfg["channels"],
-        train=False,
-        seed=meta["data"]["seed"],
-        val_fraction=meta["data"]["val_fraction"],
+        data, image_size=cfg["image_size"], channels=cfg["channels"], train=False
     )
-    first, keep = next(data_lib.held_out(src, num, num))
-    images = first["image"][:keep]  # (num, H, W, C) uint8, held out from training
+    examples = data_lib.local_examples(src, num)
+    images = next(examples)["image"]  # (num, H, W, C) uint8, held out from training
+    examples.close()
     num = len(images)
     recon = jax.jit(lambda x: to_uint8(model(to_model_range(x)).reconstruction))(images)
     recon = np.asarray(recon)
@@ -64,14 +61,8 @@ def export(workdir, mode, out, source, split, step) -> None:
         export_codebook(tok, out)
         print(f"wrote {out}: codebook {tok.vocab_size} x {tok.codebook.shape[1]}")
         return
-    meta = tok.meta  # the checkpoint's: its data source and held-out share
-    m = export_tokens(
-        tok,
-        source or meta["data"]["source"],
-        out,
-        split=split,
-        val_fraction=meta["data"]["val_fraction"],
-    )
+    data = tok.meta["data"]  # the checkpoint's: its data source and held-out share
+    m = export_tokens(tok, {**data, "source": source or data["source"]}, out, split=split)
     print(
         f"wrote {out}: {m['num_examples']} token grids {m['grid_shape']} in "
         f"{len(m['shards'])} shard(s), {m['num_examples'] / max(m['seconds'], 1e-9):,.0f} img/s"

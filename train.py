@@ -3,7 +3,12 @@
     python train.py --config configs/default.py --workdir workdir/default [--config.key=value]
 
 Running it again with the same workdir resumes from the latest checkpoint. SIGTERM or
-Ctrl-C saves a checkpoint and exits.
+Ctrl-C saves a checkpoint and exits. ``config.task`` says what is trained: the tokenizer
+(default) or a prior over its tokens. Across processes (one per host, say):
+
+    python train.py ... --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
+
+(or under Slurm / Open MPI, or with ``--config.distributed=True``, without the flags).
 """
 
 import logging
@@ -15,6 +20,11 @@ from vqvae.runtime import StopRequest, clean_errors, parse_flags, setup
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and images.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process runs: host:port of process 0 (every process)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this one's id.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,10 +40,16 @@ def main(argv):
         except OSError as e:
             why = str(e).strip().splitlines()[-1].strip()
             raise ValueError(f"cannot load the config file: {why}") from None
-        if "tokenizer" in config:  # a prior over a trained tokenizer's tokens
-            from vqvae.prior_trainer import PriorTrainer as Trainer
-        else:
-            from vqvae.trainer import Trainer
+        from vqvae import distributed
+
+        distributed.initialize(  # before anything touches a device
+            config.get("distributed", False),
+            _COORDINATOR.value,
+            _NUM_PROCESSES.value,
+            _PROCESS_ID.value,
+        )
+        from vqvae.trainer import Trainer  # the task is config.task's
+
         result = Trainer(config, _WORKDIR.value, stop=stop).train()
     if result:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items())

@@ -8,11 +8,14 @@ from vqvae.model import VQVAEConfig
 def base(model: VQVAEConfig | dict) -> ml_collections.ConfigDict:
     """Shared defaults around a model config (a VQVAEConfig, or the prior's settings)."""
     c = ml_collections.ConfigDict()
+    c.task = "tokenizer"  # what is trained: tokenizer or prior (vqvae.tasks)
     c.seed = 0
     c.steps = 1000
     c.batch_size = 32
     c.num_devices = 0  # 0: every device
     c.fsdp = False  # shard parameters and optimizer state over the data axis too
+    c.distributed = False  # start jax.distributed (also automatic under Slurm / Open MPI)
+    c.step_timeout_s = 900  # several processes: stop when no step ends this long (peer died?)
     c.model = model if isinstance(model, dict) else model.to_dict()
 
     c.data = ml_collections.ConfigDict()
@@ -20,6 +23,7 @@ def base(model: VQVAEConfig | dict) -> ml_collections.ConfigDict:
     c.data.val_fraction = 0.02  # folder sources: share of files held out (stable hash)
     c.data.data_dir = ""  # tfds data_dir ("" = tfds default)
     c.data.download = False  # tfds: download and prepare when missing
+    c.data.workers = -1  # decoding processes per host; -1: every core for folders, 0: inline
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adam"

@@ -14,6 +14,7 @@ from configs.common import base
 
 def get_config():
     c = base(dict(num_classes=0, width=128, depth=4, heads=4, mlp_ratio=4))
+    c.task = "prior"
     c.tokenizer = "workdir/default"  # a tokenizer workdir (or one of its checkpoints)
     c.data.source = "sample_photos"
     c.steps = 2000

@@ -19,11 +19,12 @@ import pytest  # noqa: E402  (after the environment above)
 
 
 def config(**overrides):
-    """The tiny config without TensorBoard, with dotted-key overrides."""
+    """The tiny config without TensorBoard or decoding workers, with dotted-key overrides."""
     from configs import tiny
 
     c = tiny.get_config()
     c.tensorboard = False
+    c.data.workers = 0  # worker processes only where a test asks for them
     for k, v in overrides.items():
         node = c
         *parents, leaf = k.split(".")
@@ -41,3 +42,15 @@ def trained10(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("trained10")
     Trainer(config(steps=10), workdir).train()
     return workdir
+
+
+def photos(n: int, size: int = 16, train: bool = False):
+    """n held-out sample photo tiles, uint8 (n, size, size, 3), in a fixed order."""
+    from vqvae.data import local_examples, make_source
+
+    source = make_source({"source": "sample_photos"}, image_size=size, train=train)
+    examples = local_examples(source, n)
+    try:
+        return next(examples)["image"]
+    finally:
+        examples.close()

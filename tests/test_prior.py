@@ -15,8 +15,8 @@ from flax import nnx
 
 from vqvae.checkpoint import Checkpoints, load_model
 from vqvae.prior import PriorConfig, prior_loss, sample
-from vqvae.prior_trainer import PriorTrainer
-from vqvae.trainer import make_train_step
+from vqvae.tasks import make_train_step
+from vqvae.trainer import Trainer
 
 from .conftest import config
 
@@ -74,11 +74,12 @@ def test_top_k_limits_choices():
 
 def test_prior_trains_checkpoints_and_generates(trained10, tmp_path):
     c = config(steps=6, batch_size=16, log_every=3, eval_every=6, checkpoint_every=6)
+    c.task = "prior"  # the same loop, another task
     c.model = ml_collections.ConfigDict(dict(num_classes=0, width=16, depth=1, heads=2))
     c.model.mlp_ratio = 2
     c.tokenizer = str(trained10)
     c.eval_batches = 2
-    result = PriorTrainer(c, tmp_path / "prior").train()
+    result = Trainer(c, tmp_path / "prior").train()
     assert result["uniform_bits_per_token"] == 5.0
     assert 0 < result["bits_per_token"] < 8 and result["examples"] == 32
     assert result["bits_per_dim"] == pytest.approx(result["bits_per_token"] * 16 / (16 * 16 * 3))

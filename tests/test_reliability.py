@@ -170,14 +170,14 @@ def test_an_unreadable_held_out_set_fails_at_start_up(tmp_path):
     _folder(tmp_path / "imgs", bad_val=True)
     c = config(eval_every=5, checkpoint_every=5)
     c.data.source, c.data.val_fraction = f"folder:{tmp_path / 'imgs'}", 0.3
-    with pytest.raises(DataError, match="no readable image"):
+    with pytest.raises(DataError, match="no readable example"):
         Trainer(c, tmp_path / "w").train()
     assert Checkpoints(tmp_path / "w").steps() == []  # nothing trained, nothing lost
 
 
 def test_the_step_is_saved_before_it_is_evaluated(tmp_path):
     class FailingEval(Trainer):
-        def evaluate(self, state, step):
+        def evaluate(self, state):
             raise RuntimeError("evaluation broke")
 
     with pytest.raises(RuntimeError, match="evaluation broke"):
@@ -202,5 +202,5 @@ def test_skipped_files_are_summarised_at_the_end(tmp_path, caplog):
     c.data.source, c.data.val_fraction = f"folder:{tmp_path / 'imgs'}", 0.0
     with caplog.at_level(logging.WARNING, logger="vqvae.trainer"):
         Trainer(c, tmp_path / "w").train()
-    summary = [r.message for r in caplog.records if "unreadable image file(s)" in r.message]
+    summary = [r.message for r in caplog.records if "unreadable file(s) were skipped" in r.message]
     assert len(summary) == 1 and "broken.png" in summary[0] and summary[0].startswith("1 ")

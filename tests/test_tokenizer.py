@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 
 from vqvae.checkpoint import CheckpointError, load_model
-from vqvae.data import make_source, one_pass
+from vqvae.data import local_examples, make_source
 from vqvae.export import export_codebook, export_tokens
 from vqvae.model import to_model_range, to_uint8
 from vqvae.tokenizer import Tokenizer
+
+from .conftest import photos
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +19,8 @@ def tok(trained10):
     return Tokenizer.load(trained10)
 
 
-def _images(n, size=16, step=0):
-    return make_source("sample_photos", image_size=size, train=False).batch(step, n)["image"]
+def _images(n, size=16):
+    return photos(n, size)
 
 
 def test_load_from_workdir_or_checkpoint_folder(trained10, tok):
@@ -92,8 +94,8 @@ def test_token_export_reads_back_with_plain_numpy(tok, tmp_path):
     assert manifest["num_examples"] == 4340 and len(manifest["shards"]) == 3
     tokens = np.concatenate([np.load(out / s["file"])["tokens"] for s in manifest["shards"]])
     labels = np.concatenate([np.load(out / s["file"])["labels"] for s in manifest["shards"]])
-    source = make_source("sample_photos", image_size=16)
-    images = np.concatenate([b["image"] for b in one_pass(source, 500)])
+    source = make_source({"source": "sample_photos"}, image_size=16)
+    images = np.concatenate([b["image"] for b in local_examples(source, 500)])
     np.testing.assert_array_equal(tokens, tok.encode(images))
     assert labels.min() == 0 and manifest["has_labels"]  # sample_photos: label = photo
     np.testing.assert_array_equal(np.load(out / "codebook.npy"), tok.codebook)

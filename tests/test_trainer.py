@@ -9,16 +9,17 @@ import numpy as np
 import pytest
 
 from vqvae.checkpoint import Checkpoints, load_model
-from vqvae.data import make_source
 from vqvae.sharding import batch_sharding
-from vqvae.trainer import Trainer, TrainingDiverged, make_optimizer
+from vqvae.tasks import make_optimizer
+from vqvae.trainer import Trainer, TrainingDiverged
 
-from .conftest import config
+from .conftest import config, photos
 
 
 def _steps(trainer, n, batches):
     state = trainer.init_state()
-    step = trainer.compile_step(data_variance=0.05)
+    trainer.task.stats = {"data_variance": 0.05}
+    step = trainer.compile_step()
     metrics = []
     with jax.set_mesh(trainer.mesh):
         for b in batches[:n]:
@@ -37,8 +38,10 @@ def _assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
 
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_sharded_step_equals_single_device_step(tmp_path, fsdp):
-    src = make_source("sample_photos", image_size=16)
-    batches = [src.batch(s, 16) for s in range(3)]
+    images = photos(48, train=True)
+    batches = [
+        {"image": images[16 * s : 16 * (s + 1)], "label": np.zeros(16, np.int32)} for s in range(3)
+    ]
     wide = {"model.base_channels": 32}  # kernels big enough (>= 2**14) for FSDP to split
     one = Trainer(config(num_devices=1, **wide), tmp_path / "one")
     eight = Trainer(config(num_devices=8, fsdp=fsdp, **wide), tmp_path / "eight")
@@ -142,12 +145,13 @@ def test_kmeans_init_seeds_the_codebook_from_the_first_batch(tmp_path):
 
     trainer = Trainer(config(kmeans_init=True, num_devices=1), tmp_path)
     plain = trainer.init_state()
-    state, _ = trainer.restore_or_init()
+    state, _, _ = trainer.restore_or_init()
     codebook = np.asarray(state["rest"]["quantizer"]["codebook"].get_value())
     assert not np.allclose(codebook, plain["rest"]["quantizer"]["codebook"].get_value())
     # every code is a centre of the first batch's encoder outputs: each is near some of them
     model = nnx.merge(trainer.graphdef, state["params"], state["rest"])
-    images = make_source("sample_photos", image_size=16).batch(0, 16)["image"]
+    with trainer.train_batches(0) as first:  # the batch k-means saw
+        images = first.next_host()["image"]
     z = np.asarray(model.encode(to_model_range(images))).reshape(-1, 8)  # 256 vectors
     used = len(np.unique(np.asarray(nearest_codes(z, codebook))))
     random_init = plain["rest"]["quantizer"]["codebook"].get_value()
@@ -159,9 +163,9 @@ def test_a_signal_arriving_mid_step_still_saves_before_stopping(tmp_path):
     import signal
 
     class SignalDuringEval(Trainer):
-        def evaluate(self, state, step):
-            out = super().evaluate(state, step)
-            if step == 5:  # as if SIGTERM landed after the step decided not to save
+        def evaluate(self, state):
+            out = super().evaluate(state)
+            if int(state["step"]) == 5:  # as if SIGTERM landed after the step chose not to save
                 self.stop(signal.SIGTERM, None)
             return out
 

@@ -1,8 +1,9 @@
 """The one place that talks to orbax: save, find, verify and restore checkpoints.
 
-A checkpoint has three items: ``model`` (parameters and the EMA codebook state), ``train``
-(optimizer state and step) and ``meta`` (JSON: the model config, everything needed to use
-the model without a config file, and a checksum of every saved array). Orbax writes each
+A checkpoint has up to four items: ``model`` (parameters and the EMA codebook state),
+``train`` (optimizer state, step and any other training state), ``meta`` (JSON: the model
+config, everything needed to use the model without a config file, and a checksum of every
+saved array) and ``data`` (grain's iterator state, one file per process). Orbax writes each
 step to a temporary folder and renames it when complete, so a killed process never leaves
 a half-written checkpoint that a restore would pick up. A checkpoint that does not restore
 (a missing or truncated file, unreadable metadata) or whose arrays do not match their
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,7 +156,7 @@ class Checkpoints:
             else ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("model", "train", "meta")
+            self.directory, options=options, item_names=("model", "train", "meta", "data")
         )
 
     def latest_step(self) -> int | None:
@@ -164,21 +166,34 @@ class Checkpoints:
         """Every complete checkpoint's step, newest first."""
         return sorted(self.manager.all_steps(), reverse=True)
 
-    def save(self, step: int, model: Any, train: Any, meta: dict[str, Any]) -> None:
+    def save(
+        self, step: int, model: Any, train: Any, meta: dict[str, Any], data_iterator=None
+    ) -> None:
         """Start writing checkpoint ``step`` (asynchronously; see ``wait``).
 
-        The arrays' checksums go into its meta, to be verified on restore.
+        The arrays' checksums go into its meta, to be verified on restore. A grain
+        ``data_iterator``'s state is written now, as of the batches consumed so far.
         """
         checksums = {"model": tree_checksums(model), "train": tree_checksums(train)}
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                model=ocp.args.StandardSave(model),
-                train=ocp.args.StandardSave(train),
-                meta=ocp.args.JsonSave({**meta, "checksums": checksums}),
-            ),
-            force=True,
-        )
+        items = {
+            "model": ocp.args.StandardSave(model),
+            "train": ocp.args.StandardSave(train),
+            "meta": ocp.args.JsonSave({**meta, "checksums": checksums}),
+        }
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore_data(self, step: int, data_iterator) -> bool:
+        """Set a grain iterator to the state saved with ``step``; False where there is none
+        (a checkpoint from before, or written by another number of processes)."""
+        try:
+            restore = grain.checkpoint.CheckpointRestore(data_iterator)
+            self.manager.restore(step, args=ocp.args.Composite(data=restore))
+        except Exception as e:
+            log.info("no data iterator state in checkpoint %d (%s)", step, _reason(e))
+            return False
+        return True
 
     def restore(self, step: int, abstract_model: Any, abstract_train: Any | None = None):
         """(model, train or None, meta) of ``step``; abstract trees carry target shardings.

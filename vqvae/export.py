@@ -55,30 +55,37 @@ def export_codebook(tokenizer: Tokenizer, out: str | Path) -> Path:
 
 def export_tokens(
     tokenizer: Tokenizer,
-    source_spec: str,
+    data: dict | str,
     out: str | Path,
     *,
     split: str = "train",
     batch_size: int = 256,
     shard_size: int = 50_000,
-    val_fraction: float = 0.02,
+    workers: int = -1,
     log=None,
 ) -> dict:
-    """Encode every example of a source once into token shards; returns the manifest."""
+    """Encode every example of a source once into token shards; returns the manifest.
+
+    ``data``: a source spec, or a data section (``source``, ``val_fraction``, ...: a
+    checkpoint's meta keeps the one it was trained on). ``workers`` decode in parallel
+    (-1: as many as pay, as in training).
+    """
     log = log or (lambda line: print(line, file=sys.stderr))
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    data = {"source": data} if isinstance(data, str) else dict(data)
+    source_spec = data["source"]
     out = Path(out).expanduser()
     source = data_lib.make_source(
-        source_spec,
+        data,
         image_size=tokenizer.image_size,
         channels=tokenizer.channels,
         train=split == "train",
-        val_fraction=val_fraction,
     )
     tmp = _staging(out)
     shards, pending, done, t0, shown = [], [], 0, time.time(), 0.0
-    total, max_label = source.num_examples, -1
+    total, max_label = len(source), -1
+    workers = data_lib.resolve_workers(workers, source)
 
     def flush():
         nonlocal max_label
@@ -90,10 +97,9 @@ def export_tokens(
         shards.append({"file": name, "num_examples": int(len(tokens))})
         pending.clear()
 
+    skipped: set[str] = set()
     try:
-        for batch in data_lib.one_pass(source, batch_size):
-            if not len(batch["image"]):
-                continue
+        for batch in data_lib.local_examples(source, batch_size, workers, skipped):
             pending.append((tokenizer.encode(batch["image"]), batch["label"].astype(np.int32)))
             done += len(batch["image"])
             if sum(len(t) for t, _ in pending) >= shard_size:
@@ -116,7 +122,7 @@ def export_tokens(
             "num_classes": max_label + 1,  # 0 when nothing is labelled (all -1)
             "source": source_spec,
             "split": split,
-            "skipped_files": sorted(getattr(source, "skipped", ())),
+            "skipped_files": sorted(skipped),
             "tokenizer": str(tokenizer.workdir or ""),
             "codebook": write_codebook(tokenizer, tmp),
             "shards": shards,

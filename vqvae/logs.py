@@ -59,9 +59,13 @@ class MetricsLog:
     """metrics.jsonl and TensorBoard event files in the workdir, as one history.
 
     ``start`` is the step the run resumes from: records after it are dropped from both.
+    Only the process that ``writes`` (process 0) touches the files.
     """
 
-    def __init__(self, workdir: Path, start: int, tensorboard: bool = True):
+    def __init__(self, workdir: Path, start: int, tensorboard: bool = True, writes: bool = True):
+        self.writes = writes
+        if not writes:
+            return
         trim_history(workdir / "metrics.jsonl", start)
         self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115
         self.tb = None
@@ -72,6 +76,8 @@ class MetricsLog:
             self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1)
 
     def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        if not self.writes:
+            return
         self.jsonl.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
@@ -79,6 +85,8 @@ class MetricsLog:
                 self.tb.add_scalar(f"{split}/{k}", v, step)
 
     def close(self) -> None:
+        if not self.writes:
+            return
         self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
@@ -87,9 +95,9 @@ class MetricsLog:
 class Progress:
     """One line: step, loss, images/s and ETA; redrawn in place on a terminal."""
 
-    def __init__(self, total: int, start: int, batch_size: int):
+    def __init__(self, total: int, start: int, batch_size: int, enabled: bool = True):
         self.total, self.start, self.batch_size = total, start, batch_size
-        self.t0, self.tty = time.time(), sys.stderr.isatty()
+        self.t0, self.tty, self.enabled = time.time(), sys.stderr.isatty(), enabled
 
     def update(self, step: int, loss: float) -> str:
         done = step - self.start
@@ -101,9 +109,10 @@ class Progress:
             f"[{bar:<20}] step {step}/{self.total} loss {loss:.4f} "
             f"{rate:,.0f} img/s ETA {int(eta // 60)}m{int(eta % 60):02d}s"
         )
-        print(("\r" if self.tty else "") + line, end="" if self.tty else "\n", file=sys.stderr)
+        if self.enabled:
+            print(("\r" if self.tty else "") + line, end="" if self.tty else "\n", file=sys.stderr)
         return line
 
     def close(self) -> None:
-        if self.tty:
+        if self.tty and self.enabled:
             print(file=sys.stderr)

@@ -63,3 +63,11 @@ def state_shardings(abstract_state, mesh: Mesh, fsdp: bool = False, min_size: in
         return NamedSharding(mesh, _fsdp_spec(shape, n, min_size) if fsdp else P())
 
     return jax.tree.map(spec, abstract_state)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order, as NumPy."""
+    shards = {}
+    for shard in x.addressable_shards:  # replicas of the same rows appear once
+        shards.setdefault(shard.index[0].start or 0, shard.data)
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])

@@ -1,9 +1,11 @@
-"""Train state, the jitted train step, the training loop, evaluation and logging.
+"""The one training loop: a task's model trained sharded, checkpointed, resumed, evaluated.
 
-The model is split once (``nnx.split``) into a static graph, parameters and EMA state; the
-step is a pure function of plain pytrees that merges them back inside, jitted once with
-explicit in/out shardings and the old state donated. State is created already sharded
-(``jax.jit(init, out_shardings=...)``), in one compiled program rather than one per array.
+The task (``vqvae.tasks``) says what is trained and how it is judged; this module does the
+rest the same way for every task. State is created already sharded (``jax.jit(init,
+out_shardings=...)``); the task's pure step is jitted once with explicit in/out shardings
+and the old state donated. Every process runs the same loop on its rows of each batch
+(``vqvae.data``); reductions happen inside jitted functions, only scalars come back to the
+host, and process 0 alone writes the logs, the evaluation grid and the lock.
 """
 
 import contextlib
@@ -11,97 +13,32 @@ import functools
 import logging
 import math
 from pathlib import Path
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from flax import nnx
 
 from vqvae import data as data_lib
 from vqvae.checkpoint import Checkpoints, DamagedCheckpoint
+from vqvae.distributed import Watchdog, abandon, peer_lost
 from vqvae.lock import WorkdirLock
-from vqvae.logs import MetricsLog, Progress, image_grid, psnr
-from vqvae.model import VQVAEConfig, to_model_range, to_uint8, vqvae_loss
-from vqvae.quantizer import codebook_health
+from vqvae.logs import MetricsLog, Progress, image_grid
 from vqvae.runtime import StopRequest
-from vqvae.sharding import batch_sharding, check_batch_size, make_mesh, replicated, state_shardings
+from vqvae.sharding import (
+    batch_sharding,
+    check_batch_size,
+    local_rows,
+    make_mesh,
+    replicated,
+    state_shardings,
+)
+from vqvae.tasks import MODEL_KEYS, Task, make_task
 
 log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
-    """Adam or AdamW with linear warm-up and cosine decay, optional gradient clipping."""
-    warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0 if warmup else optim.lr,
-        optim.lr,
-        warmup,
-        max(total_steps, warmup + 1),
-        end_value=optim.lr * optim.final_lr_fraction,
-    )
-    if optim.name == "adam":
-        opt = optax.adam(schedule, b1=optim.b1, b2=optim.b2)
-    elif optim.name == "adamw":
-        opt = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay)
-    else:
-        raise ValueError(f"optim.name must be 'adam' or 'adamw', got {optim.name!r}")
-    if optim.grad_clip:
-        opt = optax.chain(optax.clip_by_global_norm(optim.grad_clip), opt)
-    return opt
-
-
-def make_train_step(graphdef, tx, loss_fn):
-    """The pure step: (state, batch) -> (state, metrics). state: params, rest, opt, step.
-
-    ``loss_fn(model, batch) -> (loss, metrics)`` may update the model's non-parameter state
-    (the EMA codebook); that state is carried out of the step.
-    """
-
-    def train_step(state, batch):
-        def loss(params):
-            # copy: fresh Variables in this trace, so the EMA update may write to them
-            model = nnx.merge(graphdef, params, state["rest"], copy=True)
-            value, metrics = loss_fn(model, batch)
-            return value, (nnx.state(model, nnx.Not(nnx.Param)), metrics)
-
-        grads, (rest, metrics) = jax.grad(loss, has_aux=True)(state["params"])
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        new = {"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1}
-        return new, metrics
-
-    return train_step
-
-
-def vqvae_batch_loss(data_variance: float):
-    """loss_fn for make_train_step: the VQ-VAE loss on a batch of uint8 images."""
-
-    def loss_fn(model, batch):
-        x = to_model_range(batch["image"])  # (B, H, W, C)
-        return vqvae_loss(model, x, train=True, data_variance=data_variance)
-
-    return loss_fn
-
-
-def make_eval_step(graphdef):
-    """(params, rest, batch) -> per-image MSE (B,), token ids (B, h, w), uint8 reconstruction."""
-
-    def eval_step(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest)
-        x = to_model_range(batch["image"])
-        out = model(x)
-        per_image = jnp.mean(jnp.square(out.reconstruction - x), axis=(1, 2, 3))  # (B,)
-        return per_image, out.indices, to_uint8(out.reconstruction)
-
-    return eval_step
 
 
 def _finite(metrics: dict[str, float]) -> bool:
@@ -128,15 +65,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     need("num_devices", 0, "0: every device")
 
 
+def _split(state: dict) -> tuple[dict, dict]:
+    """State -> the checkpoint's model item (inference) and train item (the rest)."""
+    model = {k: state[k] for k in MODEL_KEYS}
+    return model, {k: v for k, v in state.items() if k not in MODEL_KEYS}
+
+
 class Trainer:
-    """Builds sharded state from a config, restores the latest checkpoint, runs the loop.
+    """Builds sharded state for a task, restores the newest intact checkpoint, runs the loop.
 
-    This one trains the VQ-VAE; a subclass trains another model by overriding the hooks
-    ``_model_config``, ``_data_stats``, ``loss_fn``, ``_train_batches``, ``evaluate`` and
-    ``_meta``.
+    ``task`` defaults to the one ``config.task`` names; ``arrays`` feeds the ``arrays``
+    source; ``stop`` is shared with the script that installed it before a slow start.
     """
-
-    kind = "vqvae"
 
     def __init__(
         self,
@@ -144,78 +84,67 @@ class Trainer:
         workdir: str | Path,
         arrays=None,
         stop: StopRequest | None = None,
+        task: Task | None = None,
     ):
         check_config(config)
-        self.config, self.arrays = config, arrays
+        self.config = config
         self.workdir = Path(workdir).expanduser()
         self.stop = stop or StopRequest()
-        self.model_config = self._model_config()
+        self.task = task or make_task(config, arrays)
+        self.model_config = self.task.model_config
         self.mesh = make_mesh(config.get("num_devices") or None)
         check_batch_size(config.batch_size, self.mesh)
         if config.eval_every:
             check_batch_size(config.eval_batch_size, self.mesh, "eval_batch_size")
-        self.tx = make_optimizer(config.optim, config.steps)
 
-        def init():
-            model = self.model_config.build(nnx.Rngs(config.seed))
-            _, params, rest = nnx.split(model, nnx.Param, ...)
-            step = jnp.zeros((), jnp.int32)
-            return {"params": params, "rest": rest, "opt": self.tx.init(params), "step": step}
-
-        abstract_model = nnx.eval_shape(lambda: self.model_config.build(nnx.Rngs(0)))
-        self.graphdef = nnx.graphdef(abstract_model)
-        abstract = jax.eval_shape(init)
+        self.graphdef = self.task.graphdef()
+        abstract = jax.eval_shape(self.task.init_state)
         self.shardings = state_shardings(abstract, self.mesh, fsdp=config.get("fsdp", False))
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             abstract,
             self.shardings,
         )
-        self.init_state = jax.jit(init, out_shardings=self.shardings)
+        self.init_state = jax.jit(self.task.init_state, out_shardings=self.shardings)
 
-    # --- hooks -------------------------------------------------------------------------
-    def _model_config(self):
-        """The model's config dataclass (``build(rngs)``, ``to_dict()``)."""
-        return VQVAEConfig.from_dict(dict(self.config.model))
-
-    def loss_fn(self, data_variance: float):
-        scale = data_variance if self.config.loss.normalize_by_variance else 1.0
-        return vqvae_batch_loss(scale)
-
-    def _train_batches(self, start: int):
-        """Global sharded training batches from step ``start`` on."""
-        source = self.train_source
-        return data_lib.global_batches(
-            source, self.config.batch_size, batch_sharding(self.mesh), start
-        )
-
-    # --- state -------------------------------------------------------------------------
+    # --- sources and state ----------------------------------------------------------------
     @functools.cached_property
     def ckpt(self) -> Checkpoints:
         """The workdir's checkpoints (the workdir is created on first use)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         return Checkpoints(self.workdir, max_to_keep=self.config.keep_checkpoints)
 
-    def _meta(self, data_variance: float) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "model": self.model_config.to_dict(),
-            "config": self.config.to_dict(),
-            "data_variance": data_variance,
-            "data": {
-                "source": self.config.data.source,
-                "seed": self.config.seed,
-                "val_fraction": self.config.data.val_fraction,
-            },
-        }
+    @functools.cached_property
+    def train_source(self):
+        return self.task.source(train=True)
 
-    def restore_or_init(self) -> tuple[dict, float]:
-        """The newest intact checkpoint's state (and data variance), or fresh state.
+    @functools.cached_property
+    def eval_source(self):
+        return self.task.source(train=False)
+
+    def train_batches(self, start: int, saved: dict | None = None) -> data_lib.TrainBatches:
+        """Global training batches from step ``start`` on (``saved``: a checkpoint's data
+        position, for grain's iterator state)."""
+        cfg = self.config
+        return data_lib.TrainBatches(
+            self.train_source,
+            cfg.data,
+            cfg.batch_size,
+            cfg.seed,
+            batch_sharding(self.mesh),
+            start,
+            saved,
+            self.task.host_fn(),
+        )
+
+    def restore_or_init(self) -> tuple[dict, dict | None, int | None]:
+        """(state, meta, step) of the newest intact checkpoint, or (fresh state, None, None).
 
         A damaged checkpoint is moved to ``WORKDIR/damaged/`` (never deleted), said in one
-        line, and the one before it is tried.
+        line, and the one before it is tried. Sets the task's stats either way.
         """
         a = self.abstract_state
+        model_abstract, train_abstract = _split(a)
         damaged = []
         for step in self.ckpt.steps():
             try:
@@ -224,87 +153,40 @@ class Trainer:
                         f"{self.workdir} holds checkpoint {step} of a different model; use a "
                         "new --workdir (or the config it was trained with)"
                     )
-                model, train, meta = self.ckpt.restore(
-                    step,
-                    {"params": a["params"], "rest": a["rest"]},
-                    {"opt": a["opt"], "step": a["step"]},
-                )
+                model, train, meta = self.ckpt.restore(step, model_abstract, train_abstract)
             except DamagedCheckpoint as e:
                 where = self.ckpt.set_aside(step)
                 log.warning("skipped %s; moved it to %s", e, where)
                 damaged.append(step)
                 continue
             log.info("resumed from step %d", step)
-            return {**model, **train}, float(meta["data_variance"])
+            self.task.stats = self.task.restore_stats(meta)
+            return {**model, **train}, meta, step
         if damaged:
             log.warning("no intact checkpoint left: starting again from step 0")
+        self.task.stats = self.task.compute_stats(self.train_source)
+        if jax.process_count() > 1:  # one loss for all: process 0's figures
+            from jax.experimental import multihost_utils
+
+            stats = multihost_utils.broadcast_one_to_all(self.task.stats)
+            self.task.stats = {k: float(v) for k, v in stats.items()}
         state = self.init_state()
         if self.config.get("kmeans_init", False):
-            state = self._kmeans_init(state)
-        return state, self._data_stats()
+            with self.train_batches(0) as first, jax.set_mesh(self.mesh):
+                state = self.task.first_state(state, next(first), self.graphdef, self.shardings)
+        return state, None, None
 
-    def _kmeans_init(self, state: dict) -> dict:
-        """Codebook (and EMA state) from k-means on the encoder's outputs for batch 0."""
-        graphdef = self.graphdef
-        key = jax.random.fold_in(jax.random.key(self.config.seed), 1)
-
-        def init(params, rest, images):
-            model = nnx.merge(graphdef, params, rest, copy=True)
-            model.quantizer.init_from_batch(model.encode(to_model_range(images)), key)
-            return nnx.state(model, nnx.Not(nnx.Param))
-
-        batch = next(self._train_batches(0))  # the first step's batch
-        fn = jax.jit(init, out_shardings=self.shardings["rest"])
-        with jax.set_mesh(self.mesh):
-            rest = fn(state["params"], state["rest"], batch["image"])
-        log.info("codebook initialised by k-means on the first batch")
-        return {**state, "rest": rest}
-
-    def _data_stats(self, batches: int = 8, batch_size: int = 256) -> float:
-        """Pixel variance of a few thousand training images, for the normalised MSE."""
-        src = self.train_source
-        n = total = total_sq = 0.0
-        first = data_lib.host_batches(src, batch_size)  # a separate pass: no effect on training
-        for _, host in zip(range(batches), first, strict=False):
-            x = host["image"].astype(np.float64) / 255.0
-            n, total, total_sq = n + x.size, total + x.sum(), total_sq + np.square(x).sum()
-        return float(total_sq / n - (total / n) ** 2)
-
-    @functools.cached_property
-    def train_source(self):
-        return self._source(train=True)
-
-    @functools.cached_property
-    def _sources(self) -> list:
-        """Every source this trainer made, for the end-of-run count of skipped files."""
-        return []
-
-    def _source(self, train: bool):
-        d, m = self.config.data, self.model_config
-        source = data_lib.make_source(
-            d.source,
-            image_size=m.image_size,
-            channels=m.channels,
-            train=train,
-            seed=self.config.seed,
-            arrays=self.arrays,
-            val_fraction=d.val_fraction,
-            data_dir=d.get("data_dir") or None,
-            download=d.get("download", False),
-        )
-        self._sources.append(source)
-        return source
-
-    def compile_step(self, data_variance: float):
-        """The train step, jitted with this mesh's shardings; the input state is donated."""
+    def compile_step(self):
+        """The task's train step, jitted with this mesh's shardings; the input state is
+        donated. Call after the task's stats are set (the loss may close over them)."""
         return jax.jit(
-            make_train_step(self.graphdef, self.tx, self.loss_fn(data_variance)),
+            self.task.train_step(self.graphdef),
             in_shardings=(self.shardings, batch_sharding(self.mesh)),
             out_shardings=(self.shardings, replicated(self.mesh)),
             donate_argnums=0,
         )
 
-    # --- loop --------------------------------------------------------------------------
+    # --- loop -----------------------------------------------------------------------------
     def _starting_stopped(self) -> bool:
         """A signal during start-up (restore, compile): stop before training, said once."""
         if self.stop.signal is None:
@@ -332,7 +214,7 @@ class Trainer:
         cfg = self.config
         self.train_source  # noqa: B018  (built first: bad data input fails before anything)
         if cfg.eval_every:
-            self._prepare_eval()
+            self._check_eval_source()
         log.info(
             "starting: %s, %d process(es), %d device(s) (%s)",
             self.workdir,
@@ -340,17 +222,45 @@ class Trainer:
             self.mesh.size,
             jax.devices()[0].platform,
         )
-        state, data_variance = self.restore_or_init()
-        self.data_variance = data_variance
+        state, meta, restored = self.restore_or_init()
         start = int(state["step"])
-        batches = self._train_batches(start)
-        step_fn = self.compile_step(data_variance)
-        if self._starting_stopped():
-            return {}
-        meta = self._meta(data_variance)
-        metrics_log = MetricsLog(self.workdir, start, cfg.get("tensorboard", True))
-        progress = Progress(cfg.steps, start, cfg.batch_size)
-        last_saved, eval_metrics = start, {}
+        batches = self._resume_batches(start, meta, restored)
+        try:
+            with jax.set_mesh(self.mesh):  # compiled now: a signal meanwhile is still start-up
+                step_fn = self.compile_step().lower(state, batches.peek()).compile()
+            if self._starting_stopped():
+                return {}
+            return self._loop(state, start, step_fn, batches)
+        finally:
+            batches.close()
+
+    def _resume_batches(self, start: int, meta: dict | None, restored: int | None):
+        """The training stream, at the restored checkpoint's position (grain's state where
+        the layout is unchanged, else positioned from the step alone)."""
+        saved = (meta or {}).get("data_position")
+        batches = self.train_batches(start, saved)
+        if batches.restore_state and not self.ckpt.restore_data(restored, batches.grain_iterator):
+            batches.close()
+            batches = self.train_batches(start)
+        log.info(
+            "data: %s, %d example(s), %d decoding worker(s) per process, %d batch(es) ahead",
+            self.config.data.source,
+            len(self.train_source),
+            batches.workers,
+            batches.workers * data_lib.BUFFER_PER_WORKER,
+        )
+        return batches
+
+    def _loop(self, state, start: int, step_fn, batches) -> dict:
+        cfg = self.config
+        primary = jax.process_index() == 0
+        metrics_log = MetricsLog(self.workdir, start, cfg.get("tensorboard", True), primary)
+        progress = Progress(cfg.steps, start, cfg.batch_size, enabled=primary)
+        watchdog = self.watchdog = Watchdog(cfg.get("step_timeout_s", 0), "waiting for a step")
+        if jax.process_count() > 1:
+            watchdog.start()
+        meta = self.task.meta()
+        last_saved, eval_metrics, waited = start, {}, 0.0
         try:
             with jax.set_mesh(self.mesh):
                 for step in range(start + 1, cfg.steps + 1):
@@ -361,90 +271,112 @@ class Trainer:
                     save = step % cfg.checkpoint_every == 0 or last
                     if (cfg.log_every and step % cfg.log_every == 0) or save:
                         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                        watchdog.beat()
                         if not _finite(host):
                             raise TrainingDiverged(
                                 f"loss is not finite at step {step} ({host['loss']}); stopped. "
                                 f"The last good checkpoint (step {last_saved}) is kept in "
                                 f"{self.workdir}"
                             )
+                        host["data_wait_s"] = batches.wait_seconds - waited
+                        host["unreadable_files"] = float(len(batches.unreadable))
+                        waited = batches.wait_seconds
                         metrics_log.write(step, "train", host)
                         progress.update(step, host["loss"])
                     if save:  # before evaluating: an evaluation that fails loses nothing
+                        position = {"data_position": batches.position()}
+                        model, train = _split(state)
                         self.ckpt.save(
                             step,
-                            {k: state[k] for k in ("params", "rest")},
-                            {"opt": state["opt"], "step": state["step"]},
-                            meta,
+                            model,
+                            train,
+                            {**meta, **position},
+                            data_iterator=batches.grain_iterator,
                         )
                         last_saved = step
                     if cfg.eval_every and (step % cfg.eval_every == 0 or last):
-                        eval_metrics = self.evaluate(state, step)
+                        eval_metrics = self.evaluate(state)
                         metrics_log.write(step, "eval", eval_metrics)
+                    watchdog.beat()
                     if stop is not None:
-                        name = self.stop.name
-                        log.warning("%s: saved step %d; rerun to resume", name, step)
+                        log.warning("%s: saved step %d; rerun to resume", self.stop.name, step)
                         break
+        except jax.errors.JaxRuntimeError as e:
+            if peer_lost(e):
+                abandon(
+                    f"another process stopped during training ({str(e).splitlines()[0][:120]})"
+                    f". Rerun every process to resume from checkpoint {last_saved}"
+                )
+            raise
         finally:
+            watchdog.stop()
             progress.close()
             self.ckpt.wait()
             metrics_log.close()
-        self._report_skipped()
+        self._report_unreadable(batches)
         self.state = state
         return eval_metrics
 
-    def _report_skipped(self) -> None:
-        """One line at the end of a run when unreadable image files were left out."""
-        skipped = sorted(set().union(*(getattr(s, "skipped", ()) for s in self._sources)))
-        if skipped:
+    def _report_unreadable(self, batches) -> None:
+        """One line at the end of a run when unreadable examples were left out."""
+        met = sorted(batches.unreadable)
+        if met:
             log.warning(
-                "%d unreadable image file(s) were skipped during this run (first: %s)",
-                len(skipped),
-                skipped[0],
+                "%d unreadable file(s) were skipped during this run (first: %s)",
+                len(met),
+                self.train_source.name(met[0]),
             )
 
-    # --- evaluation --------------------------------------------------------------------
-    def _prepare_eval(self) -> None:
+    # --- evaluation -----------------------------------------------------------------------
+    def _check_eval_source(self) -> None:
         """Build the held-out source and read its first batch now, at start-up, so that a
         missing or unreadable held-out set fails before any training, not at step N."""
-        self._eval_source = self._source(train=False)
-        first, _ = next(data_lib.held_out(self._eval_source, self.config.eval_batch_size, 1))
-        if not len(next(iter(first.values()))):
-            raise data_lib.DataError(f"{self.config.data.source} has no readable held-out examples")
-        self._eval_step = jax.jit(self._make_eval_step())
+        first = data_lib.local_examples(self.eval_source, 1)
+        try:
+            next(first)
+        finally:
+            first.close()
 
-    def _make_eval_step(self):
-        return make_eval_step(self.graphdef)
+    @functools.cached_property
+    def _eval_fns(self):
+        task, graphdef = self.task, self.graphdef
+        rep = replicated(self.mesh)
+        add = jax.jit(lambda a, b: jax.tree.map(jax.numpy.add, a, b), out_shardings=rep)
+        sums = jax.jit(task.eval_step(graphdef), out_shardings=rep)
+        finish = jax.jit(task.eval_finish, out_shardings=rep)
+        preview = task.preview(graphdef)
+        preview = preview and jax.jit(preview, out_shardings=batch_sharding(self.mesh))
+        return sums, add, finish, preview
 
-    def evaluate(self, state: dict, step: int) -> dict[str, float]:
-        """MSE, PSNR, perplexity, codebook usage and dead codes on held-out data; a PNG grid.
-
-        ``eval_batches`` batches, or with 0 every held-out example once.
-        """
-        cfg, m = self.config, self.model_config
-        if not hasattr(self, "_eval_source"):
-            self._prepare_eval()
-        bs = cfg.eval_batch_size
-        total = cfg.eval_batches * bs or self._eval_source.num_examples
-        per_image, counts, first = [], np.zeros(m.num_codes), None
-        for host, keep in data_lib.held_out(self._eval_source, bs, total):
-            batch = jax.device_put(host, batch_sharding(self.mesh))
-            err, idx, recon = self._eval_step(state["params"], state["rest"], batch)
-            per_image.append(np.asarray(err)[:keep])
-            counts += np.bincount(np.asarray(idx)[:keep].ravel(), minlength=m.num_codes)
-            if first is None:
-                first = (host["image"], np.asarray(recon))
-        per_image = np.concatenate(per_image)
-        mse = float(np.mean(per_image))
-        health = {k: float(v) for k, v in codebook_health(jnp.asarray(counts)).items()}
-        ema_counts = np.asarray(state["rest"]["quantizer"]["counts"].get_value())
-        out = {
-            "mse": mse,  # pixels in [0, 1]
-            "normalized_mse": mse / self.data_variance,  # the VQ-VAE paper's figure
-            "psnr": psnr(mse),  # of the mean MSE
-            **health,
-            "dead_codes": float(np.sum(ema_counts < cfg.dead_code_report_threshold)),
-            "examples": float(len(per_image)),
-        }
-        n = min(8, len(first[0]))
-        image_grid([first[0][:n], first[1][:n]], self.workdir / "eval_grid.png")
-        return out
+    def evaluate(self, state: dict) -> dict[str, float]:
+        """The task's held-out metrics: ``eval_batches`` batches, or with 0 every held-out
+        example once. Sums stay on the devices; only the final scalars come back. Process 0
+        writes the evaluation grid (its own rows of the first batch)."""
+        cfg = self.config
+        sums_fn, add, finish, preview = self._eval_fns
+        n = len(self.eval_source)
+        total = min(cfg.eval_batches * cfg.eval_batch_size, n) if cfg.eval_batches else n
+        workers = data_lib.resolve_workers(cfg.data.get("workers", -1), self.eval_source)
+        acc, grid = None, None
+        batches = data_lib.held_out(
+            self.eval_source,
+            cfg.eval_batch_size,
+            total,
+            batch_sharding(self.mesh),
+            workers,
+            self.task.host_fn(),
+        )
+        with jax.set_mesh(self.mesh):
+            for batch, host in batches:
+                sums = sums_fn(state, batch)
+                if hasattr(self, "watchdog"):
+                    self.watchdog.beat()
+                acc = sums if acc is None else add(acc, sums)
+                if grid is None and preview is not None:
+                    grid = (host["image"], local_rows(preview(state, batch)))
+            out = finish(acc, state)
+        metrics = {k: float(np.asarray(v.addressable_data(0))) for k, v in out.items()}
+        if grid is not None and jax.process_index() == 0:
+            k = min(8, len(grid[0]))
+            image_grid([grid[0][:k], grid[1][:k]], self.workdir / "eval_grid.png")
+        return self.task.host_metrics(metrics)

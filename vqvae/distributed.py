@@ -1,0 +1,115 @@
+"""Runs over several processes: JAX's multi-controller runtime, and ending cleanly when a
+peer dies.
+
+``initialize`` starts ``jax.distributed`` when asked (``--config.distributed=True``, or the
+coordinator flags of train.py) or when a cluster launcher is detected (Slurm or Open MPI
+with more than one task, or ``JAX_COORDINATOR_ADDRESS``). Each process then loads its rows of
+every batch, and all of them run the same jitted steps.
+
+When a peer dies, a collective either fails (``peer_lost`` recognises the error) or hangs
+(``Watchdog``: no progress for ``timeout_s``). Either way the survivor says so in one line
+and leaves at once with ``abandon``, skipping the runtime's shutdown barrier, which would
+wait minutes for the dead peer. Rerunning every process resumes from the last checkpoint.
+"""
+
+import logging
+import os
+import sys
+import threading
+import time
+
+import jax
+
+log = logging.getLogger(__name__)
+EXIT_PEER_LOST = 3
+
+
+def cluster_detected() -> str | None:
+    """The launcher that started this process as one of several, if any."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return "Slurm"
+    if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return "Open MPI"
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return "JAX_COORDINATOR_ADDRESS"
+    return None
+
+
+def initialize(
+    enabled: bool = False,
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    timeout_s: int = 300,
+) -> bool:
+    """Start the multi-controller runtime if asked or launched as one of several processes.
+
+    Must run before anything touches a JAX device. Returns whether it started.
+    """
+    explicit = coordinator or num_processes or (process_id is not None and process_id >= 0)
+    launcher = cluster_detected()
+    if not (enabled or explicit or launcher):
+        return False
+    jax.distributed.initialize(
+        coordinator_address=coordinator or None,
+        num_processes=num_processes or None,
+        process_id=process_id if process_id is not None and process_id >= 0 else None,
+        initialization_timeout=timeout_s,
+    )
+    log.info(
+        "jax.distributed: process %d of %d (%s), %d local and %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        launcher or "flags",
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+    return True
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether an error from a step means another process went away."""
+    if jax.process_count() == 1 or not isinstance(error, jax.errors.JaxRuntimeError):
+        return False
+    text = str(error).lower()
+    words = ("connection reset", "connection refused", "socket closed", "broken pipe")
+    return any(w in text for w in words) or "gloo" in text or "nccl" in text
+
+
+def abandon(message: str) -> None:
+    """Say ``message`` in one line and leave now (exit status 3), skipping the shutdown
+    barrier that would wait for a peer that is gone."""
+    print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+    logging.shutdown()
+    os._exit(EXIT_PEER_LOST)
+
+
+class Watchdog:
+    """Abandons the run when the loop makes no progress (``beat``) for ``timeout_s``: in a
+    multi-process run, a collective waiting for a dead peer can otherwise hang for good."""
+
+    def __init__(self, timeout_s: float, what: str):
+        self.timeout_s, self.what = timeout_s, what
+        self.last = time.monotonic()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def start(self) -> "Watchdog":
+        if self.timeout_s > 0:
+            self.thread.start()
+        return self
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def stop(self) -> None:
+        self.done.set()
+
+    def _watch(self) -> None:
+        while not self.done.wait(min(5.0, self.timeout_s / 4)):
+            idle = time.monotonic() - self.last
+            if idle > self.timeout_s:
+                abandon(
+                    f"no progress for {idle:.0f} s ({self.what}): another process has "
+                    "probably stopped. Rerun every process to resume from the last checkpoint"
+                )

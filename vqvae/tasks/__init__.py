@@ -1,0 +1,27 @@
+"""Kinds of training: each a ``Task`` that the one loop in ``vqvae.trainer`` runs.
+
+``config.task`` picks one: ``tokenizer`` (the VQ-VAE, the default) or ``prior`` (a
+transformer over a trained tokenizer's tokens). A new kind is one module here with a
+``Task`` subclass, and one line in ``TASKS``.
+"""
+
+from vqvae.tasks.base import MODEL_KEYS, Task, make_optimizer, make_train_step
+
+TASKS = {
+    "tokenizer": "vqvae.tasks.tokenizer:TokenizerTask",
+    "prior": "vqvae.tasks.prior:PriorTask",
+}
+
+
+def make_task(config, arrays=None) -> Task:
+    """The task ``config.task`` names (default: tokenizer)."""
+    import importlib
+
+    name = config.get("task", "tokenizer")
+    if name not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
+    module, _, cls = TASKS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)(config, arrays)
+
+
+__all__ = ["MODEL_KEYS", "TASKS", "Task", "make_optimizer", "make_task", "make_train_step"]

@@ -1,0 +1,87 @@
+"""Training the token prior over a trained tokenizer's token grids.
+
+Batches are token grids: from exported shards (``tokens:PATH``), or encoded on the fly from
+an image source by the tokenizer in ``config.tokenizer``. Evaluation is held-out
+cross-entropy in bits per token and per image dimension.
+"""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from vqvae.prior import PriorConfig, prior_loss
+from vqvae.sources import DataError, make_source, read_token_manifest
+from vqvae.tasks.base import Task
+from vqvae.tokenizer import Tokenizer
+
+
+class PriorTask(Task):
+    kind = "prior"
+
+    def make_model_config(self) -> PriorConfig:
+        self.tokenizer = tok = Tokenizer.load(self.config.tokenizer)
+        kind, _, path = self.config.data.source.partition(":")
+        if kind == "tokens":  # the manifest alone: the shards are loaded once, for training
+            manifest = read_token_manifest(path)
+            if manifest["codebook"]["sha256"] != tok.codebook_sha256():
+                raise DataError(
+                    f"{self.config.data.source} was exported with another tokenizer than "
+                    f"{self.config.tokenizer} (codebook checksums differ)"
+                )
+        return PriorConfig(vocab_size=tok.vocab_size, grid=tok.grid_shape(), **self.config.model)
+
+    def loss(self, model, batch):
+        return prior_loss(model, batch["tokens"], batch["label"])
+
+    def source(self, train: bool):
+        return make_source(
+            self.config.data,
+            image_size=self.tokenizer.image_size,
+            channels=self.tokenizer.channels,
+            train=train,
+            seed=self.config.seed,
+        )
+
+    def host_fn(self):
+        """Images -> tokens (by the tokenizer); labels the prior does not know -> -1."""
+        tok, n = self.tokenizer, self.model_config.num_classes
+
+        def to_tokens(batch: dict) -> dict:
+            out = dict(batch)
+            if "tokens" not in out:
+                out["tokens"] = tok.encode(out.pop("image"))
+            labels = out["label"]
+            out["label"] = np.where((labels >= 0) & (labels < n), labels, -1).astype(np.int32)
+            return out
+
+        return to_tokens
+
+    def eval_step(self, graphdef):
+        def sums(state, batch):
+            model = nnx.merge(graphdef, state["params"], state["rest"])
+            tokens = batch["tokens"].reshape(batch["tokens"].shape[0], -1)  # (B, L)
+            logits = model(tokens, batch["label"])
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)  # (B, L)
+            return {
+                "nats": jnp.sum(ce * batch["weight"][:, None]),
+                "examples": jnp.sum(batch["weight"]),
+            }
+
+        return sums
+
+    def eval_finish(self, sums, state):
+        m = self.model_config
+        per_token = sums["nats"] / (jnp.maximum(sums["examples"], 1.0) * m.seq_len) / math.log(2)
+        dims = self.tokenizer.image_size**2 * self.tokenizer.channels
+        return {
+            "bits_per_token": per_token,
+            "bits_per_dim": per_token * m.seq_len / dims,
+            "uniform_bits_per_token": jnp.float32(math.log2(m.vocab_size)),
+            "examples": sums["examples"],
+        }
+
+    def meta(self):
+        return {**super().meta(), "tokenizer": str(self.tokenizer.workdir)}

@@ -1,0 +1,106 @@
+"""tensorflow-datasets sources: the one module that imports tensorflow-datasets (lazily).
+
+A dataset prepared as array_record is random access (``sources.TfdsRecords``) and goes
+through the grain pipeline like a folder. One prepared as TFRecord is read by tf.data
+(``TfdsStream``), which decodes in parallel itself: sequential, so a resumed run skips the
+batches it has seen.
+"""
+
+from collections.abc import Iterator
+
+from vqvae.sources import DataError, TfdsRecords, fit_channels
+
+
+def open_tfds(data, image_size: int, channels: int, train: bool, seed: int):
+    """``tfds:NAME[:SPLIT]`` -> TfdsRecords (array_record) or TfdsStream (TFRecord)."""
+    name, _, split = data["source"].partition(":")[2].partition(":")
+    if not name:
+        raise DataError("tfds source needs a dataset name: tfds:cifar10[:split]")
+    split = split or ("train" if train else "test")
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise DataError(
+            "tfds sources need tensorflow-datasets: pip install 'vqvae[tfds]', or use "
+            "folder:PATH / sample_photos"
+        ) from e
+    try:
+        builder = tfds.builder(name, data_dir=data.get("data_dir") or None)
+        if data.get("download", False):
+            builder.download_and_prepare()
+        if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+            return TfdsRecords(builder, split, image_size, channels)
+        return TfdsStream(builder, split, image_size, channels, seed, train)
+    except DataError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(
+            f"tfds:{name}:{split} is not available offline ({first[:200]}). Prepare it "
+            f"once with internet: `tfds build {name}` (or set config.data.download=True), "
+            "or use --config.data.source=folder:/path/to/images or sample_photos"
+        ) from None
+
+
+class TfdsStream:
+    """A TFRecord tfds dataset read by tf.data: this process's part, decoded in parallel."""
+
+    parallel = False  # tf.data runs its own parallel decoding
+
+    def __init__(self, builder, split, image_size, channels, seed, train):
+        try:
+            import tensorflow as tf
+        except ImportError as e:
+            raise DataError(
+                "TFRecord tfds datasets need tensorflow-cpu: pip install 'vqvae[tfds]'"
+            ) from e
+        import jax
+        import tensorflow_datasets as tfds
+
+        tf.config.set_visible_devices([], "GPU")  # TensorFlow must leave the GPU to JAX
+        self.tf, self.image_size, self.channels = tf, image_size, channels
+        self.split, self.seed, self.train = split, seed, train
+        self.process = jax.process_index(), jax.process_count()
+        part = split if self.process[1] == 1 else tfds.even_splits(split, self.process[1])
+        part = part if self.process[1] == 1 else part[self.process[0]]
+        # Opened once, here: it fails fast on an unprepared dataset and counts its examples.
+        # The training order shuffles files (seeded: a resumed run sees the same data).
+        self.in_order = builder.as_dataset(split=part, shuffle_files=False)
+        self.shuffled = self.in_order
+        if train:
+            config = tfds.ReadConfig(shuffle_seed=seed)
+            self.shuffled = builder.as_dataset(split=part, shuffle_files=True, read_config=config)
+        self.num_examples = int(builder.as_dataset(split=split).cardinality())
+        if self.num_examples < 0:  # unknown to tf.data: ask the dataset's metadata
+            self.num_examples = builder.info.splits[split].num_examples
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def batches(self, local_batch: int, start_step: int, one_pass: bool) -> Iterator[dict]:
+        """This process's batches of ``local_batch`` (its part of the split where there are
+        several processes); ``one_pass``: every example once, in order, the last batch
+        smaller. Training skips the ``start_step`` batches seen."""
+        tf, size = self.tf, self.image_size
+        ds = self.in_order if one_pass else self.shuffled
+
+        def prep(ex):
+            img = ex["image"]
+            shape = tf.shape(img)
+            side = tf.minimum(shape[0], shape[1])
+            img = tf.image.resize_with_crop_or_pad(img, side, side)
+            img = tf.cast(tf.image.resize(img, (size, size), antialias=True), tf.uint8)
+            label = tf.cast(ex.get("label", tf.constant(-1)), tf.int32)
+            return {"image": img, "label": label}
+
+        ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE)
+        if not one_pass:
+            ds = ds.shuffle(10_000, seed=self.seed).repeat() if self.train else ds.repeat()
+        ds = ds.batch(local_batch, drop_remainder=not one_pass)
+        if not one_pass:
+            ds = ds.skip(start_step)
+        for b in ds.prefetch(2).as_numpy_iterator():
+            yield {"image": fit_channels(b["image"], self.channels), "label": b["label"]}
+
+    def name(self, index: int) -> str:
+        return f"{self.split}[{index}]"
