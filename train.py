@@ -47,6 +47,7 @@ def main(argv):
             _COORDINATOR.value,
             _NUM_PROCESSES.value,
             _PROCESS_ID.value,
+            step_timeout_s=config.get("step_timeout_s", 300),
         )
         from vqvae.trainer import Trainer  # the task is config.task's
 

@@ -15,7 +15,7 @@ def base(model: VQVAEConfig | dict) -> ml_collections.ConfigDict:
     c.num_devices = 0  # 0: every device
     c.fsdp = False  # shard parameters and optimizer state over the data axis too
     c.distributed = False  # start jax.distributed (also automatic under Slurm / Open MPI)
-    c.step_timeout_s = 900  # several processes: stop when no step ends this long (peer died?)
+    c.step_timeout_s = 300  # several processes: stop when no step ends this long (peer died?)
     c.model = model if isinstance(model, dict) else model.to_dict()
 
     c.data = ml_collections.ConfigDict()

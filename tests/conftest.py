@@ -12,7 +12,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _CACHE = str(Path(__file__).resolve().parent.parent / ".cache" / "jax-tests")
 os.environ.setdefault("VQVAE_JAX_CACHE", _CACHE)  # read by vqvae.runtime.setup()
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 import pytest  # noqa: E402  (after the environment above)

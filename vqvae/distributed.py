@@ -41,10 +41,14 @@ def initialize(
     num_processes: int | None = None,
     process_id: int | None = None,
     timeout_s: int = 300,
+    step_timeout_s: int = 300,
 ) -> bool:
     """Start the multi-controller runtime if asked or launched as one of several processes.
 
-    Must run before anything touches a JAX device. Returns whether it started.
+    Must run before anything touches a JAX device. Returns whether it started. The
+    runtime's own check on dead peers waits a minute longer than the loop's ``Watchdog``
+    (``step_timeout_s``), so a run whose peer died ends with the watchdog's one line rather
+    than the runtime's abort.
     """
     explicit = coordinator or num_processes or (process_id is not None and process_id >= 0)
     launcher = cluster_detected()
@@ -55,6 +59,7 @@ def initialize(
         num_processes=num_processes or None,
         process_id=process_id if process_id is not None and process_id >= 0 else None,
         initialization_timeout=timeout_s,
+        heartbeat_timeout_seconds=max(step_timeout_s, 40) + 60,
     )
     log.info(
         "jax.distributed: process %d of %d (%s), %d local and %d global devices",

@@ -18,7 +18,8 @@ def setup() -> None:
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on read-only folders
     cache = os.environ.get("VQVAE_JAX_CACHE", os.path.expanduser("~/.cache/vqvae/jax"))
     jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # every program: checkpoint saves compile ~100 tiny slicing programs per fresh process
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def parse_flags(prog: str):
