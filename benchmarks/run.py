@@ -1,4 +1,4 @@
-"""Benchmark suite: training throughput, the nearest-code lookup, memory.
+"""Benchmark suite: training throughput, the nearest-code lookup, memory, the input pipeline.
 
     python benchmarks/run.py [--preset sonnet-cifar|f8-256|all] [--quick] [--json out.json]
         [--only CASE ...] [--isolate auto|always|never]
@@ -12,12 +12,17 @@ program (``program_bytes``: weights, inputs, outputs, temporaries; ``temp_bytes`
 temporaries alone), on any backend; and the device's own peak where it reports one. That
 peak is never reset within a process, so with ``--isolate auto`` (the default) every case
 runs in a fresh process wherever the device reports it. FLOPs are analytic
-(``vqvae.flops``). ``--quick`` shrinks every case to run on a CPU in a couple of minutes; it
-proves the suite runs, not how fast anything is.
+(``vqvae.flops``). Loader cases time the folder source at 256 px on ImageNet-like JPEGs
+(500 x 375) from the iterator's creation, worker start-up included: the decoding path from
+before the grain pipeline, then the pipeline inline and with 1, 2, the default number of
+workers and one per core (each case in a fresh process, the median of three runs).
+``--quick`` shrinks every case to run on a CPU in a couple of minutes; it proves the suite
+runs, not how fast anything is.
 """
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -35,6 +40,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs.common import base  # noqa: E402
+from vqvae.data import resolve_workers  # noqa: E402
 from vqvae.devicestats import (  # noqa: E402
     device_peak_bytes,
     in_fresh_process,
@@ -222,6 +228,37 @@ def _compare_to_naive(rows: list[dict]) -> None:
                 r["naive_over_this_memory"] = naive["temp_bytes"] / r["temp_bytes"]
 
 
+# --- the input pipeline -------------------------------------------------------------------
+LOADER_RUNS = {False: 3, True: 1}  # fresh runs per loader case: full suite, --quick
+
+
+def bench_loader(workers: int, quick: bool) -> dict:
+    """One loader case, each run in a fresh process (benchmarks/loader.py: its worker
+    processes import that small script, not this one, and no earlier case's workers
+    linger); the median of a few runs, with the range of images/s beside it."""
+    argv = [str(ROOT / "benchmarks" / "loader.py"), "--workers", str(workers)]
+    runs = [
+        in_fresh_process(argv + (["--quick"] if quick else [])) for _ in range(LOADER_RUNS[quick])
+    ]
+    row = {
+        k: statistics.median(r[k] for r in runs) if isinstance(v, float) else v
+        for k, v in runs[0].items()
+    }
+    rates = sorted(r["images_per_s"] for r in runs)
+    row["runs"], row["images_per_s_range"] = len(runs), f"{rates[0]:.0f}-{rates[-1]:.0f}"
+    return row
+
+
+def _loader_summary(rows: list[dict]) -> None:
+    """Speed-ups against the old path, and cores one 1,000 images/s accelerator needs."""
+    old = next((r for r in rows if "old" in r["case"]), None)
+    for r in rows:
+        if old:
+            r["over_old"] = r["images_per_s"] / old["images_per_s"]
+        if "grain" in r["case"] and r["cores"] > 1:
+            r["cores_for_1000_per_s"] = 1000 * r["cores"] / r["steady_images_per_s"]
+
+
 # --- the cases ----------------------------------------------------------------------------
 def cases(presets: list[str], quick: bool) -> dict:
     """Every case by name -> (group, a function returning its row)."""
@@ -238,6 +275,11 @@ def cases(presets: list[str], quick: bool) -> dict:
         for variant in LOOKUP_VARIANTS[: None if name == "lookup" else -1]:
             fn = partial(bench_lookup, name, n, k, d, variant, warmup, iters)
             out[f"{name} {variant}"] = ("lookup", fn)
+    cores = max(1, len(os.sched_getaffinity(0)))
+    auto = resolve_workers(-1, parallel=True)  # what a folder source gets by default
+    for workers in dict.fromkeys([-1, 0, 1, 2, auto, cores]):
+        name = "loader old" if workers < 0 else f"loader {workers} workers"
+        out[name] = ("loader", partial(bench_loader, workers, quick))
     return out
 
 
@@ -302,6 +344,7 @@ def main(argv=None) -> None:
             row = fn()
         groups.setdefault(group, []).append(row)
     _compare_to_naive(groups.get("lookup", []))
+    _loader_summary(groups.get("loader", []))
     for rows in groups.values():
         print(table(rows))
         print()

@@ -31,6 +31,11 @@ def test_quick_benchmark_suite_runs(tmp_path):
         assert r["agree_exact"] >= 0.999, case  # every variant, exactness is checked
     blocked = next(r for c, r in lookup.items() if c.startswith("lookup ") and "highest" in c)
     assert blocked["naive_over_this_memory"] > 1  # the blocked lookup needs less memory
+    loader = {r["case"]: r for r in result["loader"]}
+    assert any("old" in c for c in loader) and any("0 worker" in c for c in loader)
+    for case, r in loader.items():
+        assert r["images"] == 160 and r["images_per_s"] > 0 and r["first_batch_s"] > 0, case
+        assert "over_old" in r  # every row against the old path, measured in the same run
     assert "| case |" in proc.stdout
 
 

@@ -35,16 +35,20 @@ from vqvae.tfds_stream import TfdsStream
 log = logging.getLogger(__name__)
 MAX_AUTO_WORKERS = 16
 BUFFER_PER_WORKER = 2  # batches each worker decodes ahead
+THREADS_PER_WORKER = 2  # reading threads in each worker: file I/O overlaps decoding
 
 
-def resolve_workers(setting: int, source) -> int:
-    """``data.workers``: -1 (auto) is every CPU core, at most 16, for a source whose decoding
-    pays for worker processes (folders, tfds array_record), else 0; 0 decodes inline."""
+def resolve_workers(setting: int, parallel: bool) -> int:
+    """``data.workers``: 0 decodes inline; -1 (auto) is one worker per two CPU cores (each
+    worker's two reading threads decode in parallel: Pillow releases the GIL), at most 16,
+    for a source whose decoding pays for worker processes (``parallel``: folders, tfds
+    array_record)."""
     if setting >= 0:
         return setting
-    if not getattr(source, "parallel", False):
+    if not parallel:
         return 0
-    return min(MAX_AUTO_WORKERS, len(os.sched_getaffinity(0)) or 1)
+    cores = len(os.sched_getaffinity(0)) or 1
+    return min(MAX_AUTO_WORKERS, max(1, cores // THREADS_PER_WORKER))
 
 
 class _ProcessRows(grain.MapDataset):
@@ -131,7 +135,10 @@ def eval_dataset(source, global_batch: int, total: int, process: tuple[int, int]
 
 
 def _iterate(dataset, workers: int):
-    it = dataset.to_iter_dataset()
+    """Inline (``workers=0``: no threads either, for tests and debugging), or in workers."""
+    threads = THREADS_PER_WORKER if workers else 0
+    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
+    it = dataset.to_iter_dataset(read)
     if workers:
         _ensure_absl_flags()
         options = grain.MultiprocessingOptions(
@@ -215,7 +222,7 @@ class TrainBatches(Batches):
     """
 
     def __init__(self, source, data, global_batch, seed, sharding, start, saved=None, host_fn=None):
-        self.workers = resolve_workers(data.get("workers", -1), source)
+        self.workers = resolve_workers(data.get("workers", -1), source.parallel)
         process = this_process()
         self.layout = {"workers": self.workers, "processes": process[1]}
         if isinstance(source, TfdsStream):

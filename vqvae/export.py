@@ -85,7 +85,7 @@ def export_tokens(
     tmp = _staging(out)
     shards, pending, done, t0, shown = [], [], 0, time.time(), 0.0
     total, max_label = len(source), -1
-    workers = data_lib.resolve_workers(workers, source)
+    workers = data_lib.resolve_workers(workers, source.parallel)
 
     def flush():
         nonlocal max_label

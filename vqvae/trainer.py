@@ -356,7 +356,7 @@ class Trainer:
         sums_fn, add, finish, preview = self._eval_fns
         n = len(self.eval_source)
         total = min(cfg.eval_batches * cfg.eval_batch_size, n) if cfg.eval_batches else n
-        workers = data_lib.resolve_workers(cfg.data.get("workers", -1), self.eval_source)
+        workers = data_lib.resolve_workers(cfg.data.get("workers", -1), self.eval_source.parallel)
         acc, grid = None, None
         batches = data_lib.held_out(
             self.eval_source,
