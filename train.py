@@ -12,6 +12,8 @@ Ctrl-C saves a checkpoint and exits. ``config.task`` says what is trained: the t
 """
 
 import logging
+import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -42,6 +44,10 @@ def main(argv):
             raise ValueError(f"cannot load the config file: {why}") from None
         from vqvae import distributed
 
+        flags_given = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        several = distributed.multi_process(config.get("distributed", False), *flags_given)
+        if several and not os.environ.get(distributed.SUPERVISED):
+            distributed.supervise(sys.argv)  # the training runs in a child; exits here
         distributed.initialize(  # before anything touches a device
             config.get("distributed", False),
             _COORDINATOR.value,

@@ -89,8 +89,9 @@ def test_a_killed_process_ends_the_other_with_a_message_and_both_resume(tmp_path
     t_kill = time.time()
     status, err = procs[0].wait(timeout=120), procs[0].stderr.read()
     procs[1].wait()
-    assert status == 3, err  # not hanging: the watchdog's (or the failed collective's) exit
-    assert time.time() - t_kill < 90
+    # not hanging: the watchdog's or a failed collective's exit (3), or the runtime's abort,
+    # which the supervisor reports; either way the last line says what happened
+    assert status != 0 and time.time() - t_kill < 90, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("train.py: error: ") and "Rerun every process" in last, last
 

@@ -9,11 +9,17 @@ every batch, and all of them run the same jitted steps.
 When a peer dies, a collective either fails (``peer_lost`` recognises the error) or hangs
 (``Watchdog``: no progress for ``timeout_s``). Either way the survivor says so in one line
 and leaves at once with ``abandon``, skipping the runtime's shutdown barrier, which would
-wait minutes for the dead peer. Rerunning every process resumes from the last checkpoint.
+wait minutes for the dead peer. A collective library may also abort the process from C++
+(gloo does, on a peer that died mid-transfer), where no Python runs: ``supervise`` runs a
+multi-process training in a child process so that even then the last line says what
+happened. Rerunning every process resumes from the last checkpoint.
 """
 
+import ctypes
 import logging
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -22,6 +28,8 @@ import jax
 
 log = logging.getLogger(__name__)
 EXIT_PEER_LOST = 3
+SUPERVISED = "VQVAE_SUPERVISED"  # set in the child a supervisor runs
+PEER_HINT = "Rerun every process to resume from the last checkpoint"
 
 
 def cluster_detected() -> str | None:
@@ -50,10 +58,9 @@ def initialize(
     (``step_timeout_s``), so a run whose peer died ends with the watchdog's one line rather
     than the runtime's abort.
     """
-    explicit = coordinator or num_processes or (process_id is not None and process_id >= 0)
-    launcher = cluster_detected()
-    if not (enabled or explicit or launcher):
+    if not multi_process(enabled, coordinator, num_processes, process_id):
         return False
+    launcher = cluster_detected()
     jax.distributed.initialize(
         coordinator_address=coordinator or None,
         num_processes=num_processes or None,
@@ -70,6 +77,42 @@ def initialize(
         jax.device_count(),
     )
     return True
+
+
+def supervise(argv: list[str]) -> None:
+    """Run ``python argv`` in a child and exit with its status, adding one line when it dies
+    by a signal. The child dies with its supervisor (a kill of either stops the process);
+    SIGTERM and SIGINT are passed on to it, and it handles them as any run does."""
+    env = {**os.environ, SUPERVISED: "1"}
+    child = subprocess.Popen([sys.executable, *argv], env=env, preexec_fn=_die_with_parent)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
+    status = child.wait()
+    if status < 0:
+        name = signal.Signals(-status).name
+        print(
+            f"train.py: error: the training process ended by {name}; in a run of several "
+            f"processes that most often means another one stopped. {PEER_HINT}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(128 - status)
+    sys.exit(status)
+
+
+def _die_with_parent() -> None:
+    """In the child (Linux): SIGKILL when the supervisor goes, however it goes."""
+    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+    if prctl is not None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def multi_process(
+    enabled: bool, coordinator: str | None, num_processes: int | None, process_id: int | None
+) -> bool:
+    """Whether ``initialize`` will start the multi-controller runtime."""
+    explicit = coordinator or num_processes or (process_id is not None and process_id >= 0)
+    return bool(enabled or explicit or cluster_detected())
 
 
 def peer_lost(error: BaseException) -> bool:
@@ -100,7 +143,9 @@ class Watchdog:
         self.thread = threading.Thread(target=self._watch, daemon=True)
 
     def start(self) -> "Watchdog":
-        if self.timeout_s > 0:
+        """Start watching (counted from now); again: a beat."""
+        self.beat()
+        if self.timeout_s > 0 and not self.thread.is_alive() and not self.done.is_set():
             self.thread.start()
         return self
 
@@ -116,5 +161,5 @@ class Watchdog:
             if idle > self.timeout_s:
                 abandon(
                     f"no progress for {idle:.0f} s ({self.what}): another process has "
-                    "probably stopped. Rerun every process to resume from the last checkpoint"
+                    f"probably stopped. {PEER_HINT}"
                 )

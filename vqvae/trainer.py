@@ -148,7 +148,7 @@ class Trainer:
         damaged = []
         for step in self.ckpt.steps():
             try:
-                if self.ckpt.meta(step)["model"] != self.model_config.to_dict():
+                if not self._same_model(self.ckpt.meta(step)["model"]):
                     raise ValueError(
                         f"{self.workdir} holds checkpoint {step} of a different model; use a "
                         "new --workdir (or the config it was trained with)"
@@ -175,6 +175,14 @@ class Trainer:
             with self.train_batches(0) as first, jax.set_mesh(self.mesh):
                 state = self.task.first_state(state, next(first), self.graphdef, self.shardings)
         return state, None, None
+
+    def _same_model(self, saved: dict) -> bool:
+        """Whether a checkpoint's model config is this run's (read as its config class, so
+        an older layout of the same model counts as the same)."""
+        try:
+            return type(self.model_config).from_dict(saved) == self.model_config
+        except (TypeError, ValueError):
+            return False
 
     def compile_step(self):
         """The task's train step, jitted with this mesh's shardings; the input state is
@@ -257,8 +265,6 @@ class Trainer:
         metrics_log = MetricsLog(self.workdir, start, cfg.get("tensorboard", True), primary)
         progress = Progress(cfg.steps, start, cfg.batch_size, enabled=primary)
         watchdog = self.watchdog = Watchdog(cfg.get("step_timeout_s", 0), "waiting for a step")
-        if jax.process_count() > 1:
-            watchdog.start()
         meta = self.task.meta()
         last_saved, eval_metrics, waited = start, {}, 0.0
         try:
@@ -294,6 +300,8 @@ class Trainer:
                             data_iterator=batches.grain_iterator,
                         )
                         last_saved = step
+                        if jax.process_count() > 1:
+                            watchdog.start()  # once the first save's one-time compiles are done
                     if cfg.eval_every and (step % cfg.eval_every == 0 or last):
                         eval_metrics = self.evaluate(state)
                         metrics_log.write(step, "eval", eval_metrics)
@@ -306,7 +314,7 @@ class Trainer:
                 abandon(
                     f"another process stopped during training ({str(e).splitlines()[0][:120]})"
                     f". Rerun every process to resume from checkpoint {last_saved}"
-                )
+                )  # the same words as distributed.PEER_HINT, with the step
             raise
         finally:
             watchdog.stop()
