@@ -91,7 +91,7 @@ def generate(workdir, out, num, temperature, top_k, label, seed, step) -> None:
         )
     )
     tokens = np.asarray(draw(state, jax.random.key(seed), labels))
-    images = tok.decode(tokens.reshape(num, *tok.grid_shape()))
+    images = tok.decode(tokens.reshape(num, *tok.grid_shape(), *tok.token_levels))
     per_row = min(8, num)
     rows = [images[i : i + per_row] for i in range(0, num - num % per_row, per_row)]
     Path(out).parent.mkdir(parents=True, exist_ok=True)

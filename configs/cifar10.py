@@ -10,15 +10,16 @@ commitment, EMA decay 0.99. Two changes to its training recipe: the learning rat
 to 8e-4 and decays on a cosine (Sonnet: constant 3e-4), and codes unused for a few hundred
 steps are re-seeded from the batch. Sonnet's exact recipe:
     --config.optim.lr=3e-4 --config.optim.warmup_steps=0 \\
-    --config.optim.final_lr_fraction=1.0 --config.model.dead_code_threshold=0.0
+    --config.optim.final_lr_fraction=1.0 --config.model.quantizer.dead_code_threshold=0.0
 """
 
 from configs.common import base
 from vqvae.model import PRESETS
+from vqvae.quantizers import QuantizerConfig
 
 
 def get_config():
-    c = base(PRESETS["sonnet-cifar"].replace(dead_code_threshold=0.03))
+    c = base(PRESETS["sonnet-cifar"].replace(quantizer=QuantizerConfig(dead_code_threshold=0.03)))
     c.data.source = "tfds:cifar10"
     c.data.val_fraction = 0.1  # folder sources: 10% of the files held out
     c.steps = 10_000

@@ -20,7 +20,7 @@ def get_config():
     c.optim.warmup_steps = 2000
     c.optim.final_lr_fraction = 0.1
     c.optim.grad_clip = 1.0
-    c.model.dead_code_threshold = 0.01
+    c.model.quantizer.dead_code_threshold = 0.01
     c.log_every = 100
     c.eval_every = 5000
     c.eval_batch_size = 32

@@ -12,7 +12,7 @@ SCRIPT = textwrap.dedent(
     """
     import json, threading, time
     import jax, jax.numpy as jnp, numpy as np
-    from vqvae.quantizer import nearest_codes
+    from vqvae.quantizers import nearest_codes
 
     def rss():
         with open("/proc/self/status") as f:

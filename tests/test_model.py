@@ -36,7 +36,7 @@ def test_sonnet_cifar_preset_matches_the_reference_architecture():
     )
     assert shapes == expected
     assert _param_count(cfg) == 662_723
-    assert cfg.grid_size == 8 and cfg.num_codes == 512 and cfg.code_dim == 64
+    assert cfg.grid_size == 8 and cfg.quantizer.num_codes == 512 and cfg.code_dim == 64
 
 
 def test_f8_256_preset_matches_the_reference_architecture():
@@ -55,7 +55,7 @@ def test_f8_256_preset_matches_the_reference_architecture():
     assert (1, 1, 512, 256) in convs and (3, 3, 256, 512) in convs  # in/out of the codes
     assert len(convs) == 34
     assert _param_count(cfg) == 20_365_059
-    assert cfg.grid_size == 32 and cfg.num_codes == 16384 and cfg.code_dim == 256
+    assert cfg.grid_size == 32 and cfg.quantizer.num_codes == 16384 and cfg.code_dim == 256
     assert cfg.compute_dtype == "bfloat16"
 
 
@@ -121,7 +121,7 @@ def test_core_runs_without_tensorflow():
         "import jax.numpy as jnp, flax.nnx as nnx\n"
         "import vqvae.trainer, vqvae.checkpoint, vqvae.data\n"
         "from vqvae.model import VQVAEConfig\n"
-        "c = VQVAEConfig(image_size=8, base_channels=4, code_dim=4, num_codes=8)\n"
+        "c = VQVAEConfig(image_size=8, base_channels=4, code_dim=4, quantizer=dict(num_codes=8))\n"
         "m = c.build(nnx.Rngs(0))\n"
         "print(m(jnp.zeros((1, 8, 8, 3))).indices.shape)\n"
     )

@@ -8,17 +8,15 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vqvae.quantizer import (
+from vqvae.quantizers import Codebook, CodebookStats, VectorQuantizer
+from vqvae.quantizers.assign import (
     DEFAULT_TILE,
-    Codebook,
-    CodebookStats,
-    VectorQuantizer,
     code_counts,
     codebook_health,
     l2_normalize,
     nearest_codes,
-    rotation_trick,
 )
+from vqvae.ste import rotation_trick
 
 
 def brute_force(z, codebook):

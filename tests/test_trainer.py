@@ -81,7 +81,8 @@ def test_resume_continues_exactly_and_logs(trained10, tmp_path):
     assert (tmp_path / "straight" / "eval_grid.png").is_file()
     assert Checkpoints(tmp_path / "straight").latest_step() == 20
     model, meta = load_model(tmp_path / "straight")  # no config needed
-    assert meta["model"]["num_codes"] == 32 and meta["data"]["source"] == "sample_photos"
+    assert meta["model"]["quantizer"]["num_codes"] == 32
+    assert meta["data"]["source"] == "sample_photos"
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained10, tmp_path):
@@ -95,7 +96,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained10, tmp
 
 def test_checkpoint_of_another_model_is_refused(trained10):
     with pytest.raises(ValueError, match="different model"):
-        Trainer(config(**{"model.num_codes": 64}), trained10).train()
+        Trainer(config(**{"model.quantizer.num_codes": 64}), trained10).train()
     assert Checkpoints(trained10).latest_step() == 10
 
 
@@ -141,7 +142,7 @@ def test_kmeans_init_seeds_the_codebook_from_the_first_batch(tmp_path):
     from flax import nnx
 
     from vqvae.model import to_model_range
-    from vqvae.quantizer import nearest_codes
+    from vqvae.quantizers import nearest_codes
 
     trainer = Trainer(config(kmeans_init=True, num_devices=1), tmp_path)
     plain = trainer.init_state()

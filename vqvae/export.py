@@ -2,9 +2,11 @@
 
 A token export is a folder that plain NumPy reads, with no need for this package:
 
-    manifest.json          vocab_size, grid_shape, num_examples, shards, codebook_sha256, ...
-    tokens-00000.npz       tokens int32 (n, h, w), labels int32 (n,) (-1: no label)
-    codebook.npy           the code vectors (K, D) float32 (also in codebook.npz)
+    manifest.json          vocab_size, grid_shape, quantizer (kind, levels), num_examples,
+                           shards, codebook sha256, ...
+    tokens-00000.npz       tokens int32 (n, h, w), or (n, h, w, L) with L residual levels;
+                           labels int32 (n,) (-1: no label)
+    codebook.npy           the code vectors float32, (K, D) or (L, K, D) (also in .npz)
 
 It is written to a temporary folder and renamed into place when complete, so an
 interrupted export never leaves a folder that looks finished.
@@ -116,6 +118,8 @@ def export_tokens(
             "format": FORMAT,
             "vocab_size": tokenizer.vocab_size,
             "grid_shape": list(tokenizer.grid_shape()),
+            "token_shape": list(tokenizer.grid_shape()) + list(tokenizer.token_levels),
+            "quantizer": tokenizer.config.get("quantizer", {"kind": "vq"}),
             "image_size": tokenizer.image_size,
             "num_examples": int(sum(s["num_examples"] for s in shards)),
             "has_labels": max_label >= 0,

@@ -8,7 +8,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vqvae.nets import ACTIVATIONS, Decoder, Encoder
-from vqvae.quantizer import VectorQuantizer
+from vqvae.quantizers import QuantizerConfig
+
+# The quantizer's fields as the model config held them before the quantizer had its own
+# (checkpoints written then): old name -> QuantizerConfig field.
+_FLAT_QUANTIZER_KEYS = {
+    "num_codes": "num_codes",
+    "beta": "beta",
+    "codebook_learning": "learning",
+    "decay": "decay",
+    "epsilon": "epsilon",
+    "estimator": "estimator",
+    "normalize_codes": "normalize",
+    "dead_code_threshold": "dead_code_threshold",
+    "assign_precision": "precision",
+}
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -37,20 +51,14 @@ class VQVAEConfig:
     stem: bool = False
     group_norm: bool = False
     activation: str = "relu"
-    code_dim: int = 64
-    num_codes: int = 512
-    beta: float = 0.25
-    codebook_learning: str = "ema"
-    decay: float = 0.99
-    epsilon: float = 1e-5
-    estimator: str = "ste"
-    normalize_codes: bool = False
-    dead_code_threshold: float = 0.0
-    assign_precision: str = "highest"
+    code_dim: int = 64  # the encoder's output width, what the quantizer sees
+    quantizer: QuantizerConfig = QuantizerConfig()
     compute_dtype: str = "float32"  # "bfloat16": convolutions in bf16, parameters in f32
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        if not isinstance(self.quantizer, QuantizerConfig):  # a dict or a ConfigDict
+            object.__setattr__(self, "quantizer", QuantizerConfig.from_dict(dict(self.quantizer)))
         if self.image_size % self.downsample_factor:
             raise ValueError(
                 f"image_size {self.image_size} is not divisible by the downsampling factor "
@@ -73,12 +81,19 @@ class VQVAEConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["channel_mult"] = list(self.channel_mult)
-        return d
+        """Plain values (tuples stay tuples, so configs can override them)."""
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VQVAEConfig":
+        """From ``to_dict``'s form, or a checkpoint's older form with the (vector)
+        quantizer's fields flat in the model config."""
+        d = dict(d)
+        flat = {_FLAT_QUANTIZER_KEYS[k]: d.pop(k) for k in list(d) if k in _FLAT_QUANTIZER_KEYS}
+        if flat:
+            if "quantizer" in d:
+                raise ValueError(f"model config has both a quantizer and flat keys {sorted(flat)}")
+            d["quantizer"] = {"kind": "vq", **flat}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -98,17 +113,7 @@ class VQVAEConfig:
             group_norm=self.group_norm,
             activation=self.activation,
             dtype=DTYPES[self.compute_dtype],
-            quantizer=dict(
-                num_codes=self.num_codes,
-                beta=self.beta,
-                learning=self.codebook_learning,
-                decay=self.decay,
-                epsilon=self.epsilon,
-                estimator=self.estimator,
-                normalize=self.normalize_codes,
-                dead_code_threshold=self.dead_code_threshold,
-                precision=self.assign_precision,
-            ),
+            quantizer=self.quantizer,
             rngs=rngs,
         )
 
@@ -126,7 +131,7 @@ PRESETS = {
         res_hidden=None,
         stem=True,
         code_dim=256,
-        num_codes=16384,
+        quantizer=QuantizerConfig(num_codes=16384),
         compute_dtype="bfloat16",
     ),
 }
@@ -134,13 +139,13 @@ PRESETS = {
 
 class ModelOutput(NamedTuple):
     reconstruction: jax.Array  # (B, H, W, C) float32
-    indices: jax.Array  # (B, h, w) int32
+    indices: jax.Array  # (B, h, w) int32, or (B, h, w, L) with L residual levels
     quantizer_loss: jax.Array
     metrics: dict[str, jax.Array]
 
 
 class VQVAE(nnx.Module):
-    """Encoder, codebook quantizer (always float32) and decoder."""
+    """Encoder, quantizer (any kind; always float32) and decoder."""
 
     def __init__(
         self,
@@ -155,7 +160,7 @@ class VQVAE(nnx.Module):
         group_norm: bool,
         activation: str,
         dtype,
-        quantizer: dict[str, Any],
+        quantizer: QuantizerConfig,
         rngs: nnx.Rngs,
     ):
         net = dict(
@@ -169,7 +174,7 @@ class VQVAE(nnx.Module):
             rngs=rngs,
         )
         self.encoder = Encoder(channels, levels, code_dim, **net)
-        self.quantizer = VectorQuantizer(code_dim=code_dim, rngs=rngs, **quantizer)
+        self.quantizer = quantizer.build(code_dim, rngs)
         self.decoder = Decoder(channels, levels, code_dim, **net)
 
     def encode(self, x: jax.Array) -> jax.Array:
@@ -181,11 +186,11 @@ class VQVAE(nnx.Module):
         return self.decoder(z_q).astype(jnp.float32)
 
     def encode_to_indices(self, x: jax.Array) -> jax.Array:
-        """Images (B, H, W, C) -> token ids (B, h, w) int32."""
+        """Images (B, H, W, C) -> token ids (B, h, w) int32 ((B, h, w, L) with levels)."""
         return self.quantizer(self.encode(x)).indices
 
     def decode_indices(self, indices: jax.Array) -> jax.Array:
-        """Token ids (B, h, w) -> images (B, H, W, C) float32."""
+        """Token ids (B, h, w) ((B, h, w, l): the first l levels) -> images float32."""
         return self.decode(self.quantizer.lookup(indices))
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> ModelOutput:

@@ -1,6 +1,8 @@
 """A decoder-only transformer prior over token grids, and autoregressive sampling.
 
-The grid (h, w) is flattened in raster order to L = h*w tokens. The input at position 0 is
+The grid (h, w) is flattened in raster order to L = h*w tokens; with a residual quantizer's
+``levels`` tokens per position, to L = h*w*levels, each position's levels in a row, coarse
+to fine (the order of ``tokens.reshape(B, -1)`` on (B, h, w, levels)). The input at position 0 is
 a start token (one per class when class-conditional, plus an unconditional one), then the
 tokens shifted right; the output at position t predicts token t. Sampling runs one position
 at a time with a key/value cache, so each new token costs one position's work.
@@ -23,6 +25,7 @@ class PriorConfig:
 
     vocab_size: int = 256
     grid: tuple[int, int] = (8, 8)
+    levels: int = 1  # tokens per grid position (a residual quantizer's levels)
     num_classes: int = 0  # 0: unconditional
     width: int = 128
     depth: int = 4
@@ -38,7 +41,12 @@ class PriorConfig:
 
     @property
     def seq_len(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return self.grid[0] * self.grid[1] * self.levels
+
+    @property
+    def token_shape(self) -> tuple[int, ...]:
+        """One example's token grid: (h, w), or (h, w, levels)."""
+        return self.grid if self.levels == 1 else (*self.grid, self.levels)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -181,7 +189,7 @@ class Prior(nnx.Module):
 
 
 def prior_loss(model: Prior, tokens: jax.Array, labels: jax.Array):
-    """Mean cross-entropy in nats per token; tokens (B, h, w) or (B, L)."""
+    """Mean cross-entropy in nats per token; tokens (B, h, w[, levels]) or (B, L)."""
     tokens = tokens.reshape(tokens.shape[0], -1)
     logits = model(tokens, labels)
     nats = optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()

@@ -14,7 +14,6 @@ A figure a device cannot give reads "n/a: <why>".
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -34,21 +33,27 @@ from vqvae.devicestats import (
 )
 from vqvae.flops import count_flops
 from vqvae.model import PRESETS, VQVAEConfig
+from vqvae.quantizers import Codebook, QuantizerConfig
+
+
+def _count(tree) -> int:
+    """Elements of every array in a tree."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
 
 
 def static_figures(config: VQVAEConfig) -> dict:
     """Everything that follows from the architecture: parameters, FLOPs, bits."""
     model = nnx.eval_shape(lambda: config.build(nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-    n_state = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(rest) if hasattr(p, "shape"))
+    n_params, n_state = _count(params), _count(rest)
     # an EMA codebook is state, not a parameter, but inference needs it all the same
-    n_codebook = 0 if config.codebook_learning == "gradient" else config.num_codes * config.code_dim
+    n_codebook = _count(nnx.state(model, Codebook))
     n_weights = n_params + n_codebook
-    size, c = config.image_size, config.channels
-    x = jax.ShapeDtypeStruct((1, size, size, c), jnp.float32)
+    q = model.quantizer
+    image, c = config.image_size, config.channels
+    x = jax.ShapeDtypeStruct((1, image, image, c), jnp.float32)
     h = config.grid_size
-    idx = jax.ShapeDtypeStruct((1, h, h), jnp.int32)
+    idx = jax.ShapeDtypeStruct((1, h, h, *q.token_shape), jnp.int32)
 
     def encode(p, r, x):
         return nnx.merge(graphdef, p, r).encode_to_indices(x)
@@ -57,12 +62,11 @@ def static_figures(config: VQVAEConfig) -> dict:
         return nnx.merge(graphdef, p, r).decode_indices(idx)
 
     enc, dec = count_flops(encode, params, rest, x), count_flops(decode, params, rest, idx)
-    tokens = h * h
-    bits = tokens * math.log2(config.num_codes)
-    raw = size * size * c * 8
+    bits = h * h * q.bits_per_token
+    raw = image * image * c * 8
     return {
         "parameters": n_params,
-        "codebook": f"{config.num_codes} x {config.code_dim}",
+        "quantizer": _describe(config.quantizer, config.code_dim),
         "inference_weights": n_weights,  # parameters and codebook
         "size_mb_float32": n_weights * 4 / 1e6,
         "size_mb_bfloat16": n_weights * 2 / 1e6,
@@ -71,8 +75,8 @@ def static_figures(config: VQVAEConfig) -> dict:
         "encode_gmacs_per_image": enc / 2e9,
         "decode_gflops_per_image": dec / 1e9,
         "decode_gmacs_per_image": dec / 2e9,
-        "tokens_per_image": tokens,
-        "token_grid": f"{h}x{h}",
+        "tokens_per_image": h * h * q.num_levels,
+        "token_grid": f"{h}x{h}" + (f"x{q.num_levels}" if q.num_levels > 1 else ""),
         "bits_per_image": bits,
         "raw_bits_per_image": raw,
         "compression_ratio": raw / bits,
@@ -88,8 +92,19 @@ def _programs(model, config: VQVAEConfig, batch: int):
     roundtrip = jax.jit(lambda s, x: merge(s).decode_indices(merge(s).encode_to_indices(x)))
     size, c, h = config.image_size, config.channels, config.grid_size
     x = jnp.zeros((batch, size, size, c))
-    idx = jnp.zeros((batch, h, h), jnp.int32)
+    levels = config.quantizer.num_levels
+    idx = jnp.zeros((batch, h, h, *(() if levels == 1 else (levels,))), jnp.int32)
     return state, {"encode": (encode, x), "decode": (decode, idx), "roundtrip": (roundtrip, x)}
+
+
+def _describe(q: QuantizerConfig, code_dim: int) -> str:
+    """The quantizer in a few words: kind, codes and their width."""
+    if q.kind == "fsq":
+        return f"fsq {tuple(q.fsq_levels)}: {q.vocab_size} implicit codes"
+    if q.kind == "lfq":
+        return f"lfq {q.lfq_bits} bits: {q.vocab_size} implicit codes"
+    levels = f"{q.residual_levels} levels x " if q.kind == "rvq" else ""
+    return f"{q.kind} {levels}{q.num_codes} x {code_dim}"
 
 
 def hardware_figures(

@@ -1,7 +1,10 @@
-"""Straight-through primitives: forward through a discrete op, backward as the identity.
+"""Gradient estimators for discrete operations: forward through the operation, backward
+through something differentiable.
 
-Every function here is built on one construction, ``x + stop_gradient(f(x) - x)``: its value
-is ``f(x)`` and its derivative with respect to ``x`` is exactly 1, whatever ``f`` is.
+The straight-through estimator (STE) passes the gradient unchanged: its value is ``f(x)``
+and its derivative with respect to ``x`` is exactly 1, whatever ``f`` is. The rotation trick
+(for vector quantizers) carries the gradient through the rotation that maps an input onto
+its code instead.
 """
 
 from collections.abc import Callable
@@ -37,3 +40,27 @@ def ste_replace(x: jax.Array, value: jax.Array) -> jax.Array:
     up to rounding: decoding token ids then matches the model's own forward pass exactly.
     """
     return jax.lax.stop_gradient(value) + (x - jax.lax.stop_gradient(x))
+
+
+def rotation_trick(z: jax.Array, e: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Forward value ``e``; gradient to ``z`` through the rotation that carries z onto e.
+
+    z, e: (..., D). Fifty et al. 2024: ``e = lambda R z`` with ``R`` the rotation taking
+    ``z/|z|`` to ``e/|e|`` and ``lambda = |e|/|z|``, both held constant in the backward pass.
+    ``R z = z - 2 r (r.z) + 2 q (u.z)`` with u, q the unit vectors and r = (u+q)/|u+q| (r = 0
+    when u = -q, where that formula is the reflection that still maps u to q). Where z or e
+    has (near) zero norm the gradient falls back to the identity, so it is always finite.
+    """
+    z_norm = jnp.linalg.norm(z, axis=-1, keepdims=True)
+    e_norm = jnp.linalg.norm(e, axis=-1, keepdims=True)
+    ok = (z_norm > eps) & (e_norm > eps)
+    u = jax.lax.stop_gradient(z / jnp.where(ok, z_norm, 1.0))
+    q = jax.lax.stop_gradient(e / jnp.where(ok, e_norm, 1.0))
+    w = u + q
+    w_norm = jnp.linalg.norm(w, axis=-1, keepdims=True)
+    r = jax.lax.stop_gradient(jnp.where(w_norm > eps, w / jnp.where(w_norm > eps, w_norm, 1.0), 0))
+    scale = jax.lax.stop_gradient(jnp.where(ok, e_norm / jnp.where(ok, z_norm, 1.0), 1.0))
+    dot = lambda a, b: jnp.sum(a * b, axis=-1, keepdims=True)  # noqa: E731
+    rotated = scale * (z - 2.0 * r * dot(r, z) + 2.0 * q * dot(u, z))
+    rotated = jnp.where(ok, rotated, z)
+    return ste_replace(rotated, e)

@@ -4,6 +4,9 @@
     tokens = tok.encode(images)                  # uint8 (B, H, W, C) -> int32 (B, h, w)
     images = tok.decode(tokens)                  # -> uint8 (B, H, W, C)
 
+With a residual quantizer of L levels, tokens are (B, h, w, L), and ``decode`` takes the
+first l <= L of them (B, h, w, l) for a coarser image.
+
 Any batch size: batches are padded up to one of a few bucket sizes (and split above the
 largest), so only a handful of programs are ever compiled.
 """
@@ -66,7 +69,10 @@ class Tokenizer:
         self._decode = jax.jit(
             lambda state, t: to_uint8(nnx.merge(graphdef, state).decode_indices(t))
         )
-        self._codebook = np.asarray(model.quantizer.codes())
+        q = model.quantizer
+        self._vocab, self.num_levels = int(q.vocab_size), int(q.num_levels)
+        self.kind = self.config.get("quantizer", {}).get("kind", "vq")
+        self._codebook = np.asarray(q.codes())
 
     @classmethod
     def load(cls, path: str | Path, step: int | None = None) -> "Tokenizer":
@@ -80,7 +86,13 @@ class Tokenizer:
     # --- properties --------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
-        return int(self.config["num_codes"])
+        """Ids per token (per level, with a residual quantizer)."""
+        return self._vocab
+
+    @property
+    def token_levels(self) -> tuple[int, ...]:
+        """The tokens' trailing axis: () with one level, (L,) with a residual quantizer."""
+        return () if self.num_levels == 1 else (self.num_levels,)
 
     @property
     def downsample_factor(self) -> int:
@@ -97,7 +109,8 @@ class Tokenizer:
 
     @property
     def codebook(self) -> np.ndarray:
-        """The code vectors (K, D) float32, as the decoder sees them."""
+        """The code vectors as the decoder sees them, float32: (K, D), or (L, K, D) for a
+        residual quantizer (FSQ and LFQ: their implicit grid, through any projection)."""
         return self._codebook
 
     def codebook_sha256(self) -> str:
@@ -144,17 +157,25 @@ class Tokenizer:
 
     def encode(self, images) -> np.ndarray:
         """uint8 (0..255) or float (training range [-0.5, 0.5]) images (B, H, W, C)
-        -> int32 tokens (B, H/f, W/f)."""
+        -> int32 tokens (B, H/f, W/f) ((B, H/f, W/f, L) with L residual levels)."""
         images = self._check_images(images)
         if images.dtype != np.uint8:
             images = images.astype(np.float32)
         return self._batched(self._encode, images)
 
     def decode(self, tokens) -> np.ndarray:
-        """int tokens (B, h, w) in [0, vocab_size) -> uint8 images (B, h*f, w*f, C)."""
+        """int tokens (B, h, w) in [0, vocab_size) -> uint8 images (B, h*f, w*f, C).
+
+        With L residual levels: tokens (B, h, w, l), the first l <= L levels."""
         tokens = np.asarray(tokens)
-        if tokens.ndim != 3:
-            raise ValueError(f"tokens must be (B, h, w), got shape {tokens.shape}")
+        levels = self.num_levels > 1
+        if tokens.ndim != 3 + levels:
+            want = "(B, h, w, levels)" if levels else "(B, h, w)"
+            raise ValueError(f"tokens must be {want}, got shape {tokens.shape}")
+        if levels and not 1 <= tokens.shape[-1] <= self.num_levels:
+            raise ValueError(
+                f"tokens have {tokens.shape[-1]} levels; this tokenizer has 1..{self.num_levels}"
+            )
         if 0 in tokens.shape[1:]:
             raise ValueError(f"token grids must not be empty, got shape {tokens.shape}")
         if not np.issubdtype(tokens.dtype, np.integer):

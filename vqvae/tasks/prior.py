@@ -31,7 +31,12 @@ class PriorTask(Task):
                     f"{self.config.data.source} was exported with another tokenizer than "
                     f"{self.config.tokenizer} (codebook checksums differ)"
                 )
-        return PriorConfig(vocab_size=tok.vocab_size, grid=tok.grid_shape(), **self.config.model)
+        return PriorConfig(
+            vocab_size=tok.vocab_size,
+            grid=tok.grid_shape(),
+            levels=tok.num_levels,
+            **self.config.model,
+        )
 
     def loss(self, model, batch):
         return prior_loss(model, batch["tokens"], batch["label"])

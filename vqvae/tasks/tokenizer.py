@@ -11,7 +11,7 @@ from flax import nnx
 from vqvae.data import local_examples
 from vqvae.logs import psnr
 from vqvae.model import VQVAEConfig, to_model_range, to_uint8, vqvae_loss
-from vqvae.quantizer import codebook_health
+from vqvae.quantizers import health, level_counts
 from vqvae.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -66,29 +66,32 @@ class TokenizerTask(Task):
         return {**state, "rest": rest}
 
     def eval_step(self, graphdef):
-        num_codes = self.model_config.num_codes
-
         def sums(state, batch):
             model = nnx.merge(graphdef, state["params"], state["rest"])
+            q = model.quantizer
             x = to_model_range(batch["image"])
             out = model(x)
             w = batch["weight"]  # (B,) 1 for examples, 0 for padding
             err = jnp.mean(jnp.square(out.reconstruction - x), axis=(1, 2, 3))  # (B,)
-            weights = jnp.broadcast_to(w[:, None, None], out.indices.shape)
-            counts = jax.ops.segment_sum(weights.reshape(-1), out.indices.reshape(-1), num_codes)
+            grid = jnp.broadcast_to(w[:, None, None], out.indices.shape[:3])  # (B, h, w)
+            counts = level_counts(out.indices, q.num_levels, q.vocab_size, grid)  # (L, K)
             return {"squared_error": jnp.sum(err * w), "examples": jnp.sum(w), "counts": counts}
 
         return sums
 
     def eval_finish(self, sums, state):
         mse = sums["squared_error"] / jnp.maximum(sums["examples"], 1.0)  # pixels in [0, 1]
-        ema_counts = state["rest"]["quantizer"]["counts"].get_value()
-        threshold = self.config.dead_code_report_threshold
+        quantizer = nnx.merge(self.graphdef(), state["params"], state["rest"]).quantizer
+        usage = quantizer.usage()  # running usage (L, K), where the kind keeps one
+        if usage is None:  # implicit codebooks: codes this evaluation never used
+            dead = jnp.sum(sums["counts"] == 0)
+        else:
+            dead = jnp.sum(usage < self.config.dead_code_report_threshold)
         return {
             "mse": mse,
             "normalized_mse": mse / self.stats["data_variance"],  # the VQ-VAE paper's figure
-            **codebook_health(sums["counts"]),
-            "dead_codes": jnp.sum(ema_counts < threshold).astype(jnp.float32),
+            **health(sums["counts"]),
+            "dead_codes": dead.astype(jnp.float32),
             "examples": sums["examples"],
         }
 

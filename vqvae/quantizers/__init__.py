@@ -1,0 +1,44 @@
+"""Quantizers: one interface (``base.Quantizer``), one module per kind.
+
+    vq    VectorQuantizer: nearest code in a learned codebook (EMA or gradient)
+    rvq   ResidualVQ: several VQ levels on successive residuals, optional quantizer dropout
+    fsq   FSQ: finite scalar quantization, an implicit grid of per-dimension levels
+    lfq   LFQ: lookup-free (sign) quantization with entropy terms
+
+``QuantizerConfig(kind=...)`` builds one; ``assign`` holds the nearest-code kernels and
+k-means. The estimators (straight-through, the rotation trick) live in ``vqvae.ste``.
+"""
+
+from vqvae.quantizers.assign import code_counts, codebook_health, kmeans, nearest_codes
+from vqvae.quantizers.base import (
+    Codebook,
+    CodebookStats,
+    Quantizer,
+    QuantizerOutput,
+    health,
+    level_counts,
+)
+from vqvae.quantizers.config import KINDS, QuantizerConfig
+from vqvae.quantizers.fsq import FSQ
+from vqvae.quantizers.lfq import LFQ
+from vqvae.quantizers.rvq import ResidualVQ
+from vqvae.quantizers.vq import VectorQuantizer
+
+__all__ = [
+    "FSQ",
+    "KINDS",
+    "LFQ",
+    "Codebook",
+    "CodebookStats",
+    "Quantizer",
+    "QuantizerConfig",
+    "QuantizerOutput",
+    "ResidualVQ",
+    "VectorQuantizer",
+    "code_counts",
+    "codebook_health",
+    "health",
+    "kmeans",
+    "level_counts",
+    "nearest_codes",
+]

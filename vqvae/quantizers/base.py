@@ -1,0 +1,116 @@
+"""The one interface every quantizer kind meets: the model, trainer, tokenizer, export,
+report and prior use nothing else.
+
+A quantizer maps continuous vectors (..., D) to tokens and back. It has ``num_levels``
+tokens per vector (1, or a residual quantizer's levels), each one of ``vocab_size`` ids:
+token grids are (..., ) with one level and (..., L) with several.
+"""
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vqvae.quantizers.assign import codebook_health
+
+
+class QuantizerOutput(NamedTuple):
+    quantized: jax.Array  # (..., D) codes in the forward pass, an estimator's gradient
+    indices: jax.Array  # (...) int32, or (..., L) with several levels
+    loss: jax.Array  # the quantizer's own loss (commitment, codebook, entropy terms)
+    metrics: dict[str, jax.Array]  # its losses and health on this batch
+
+
+class Codebook(nnx.Variable):
+    """A codebook learned by EMA: written in the forward pass, never by gradients."""
+
+
+class CodebookStats(nnx.Variable):
+    """Running statistics (EMA counts and sums, usage) and keys: state, not parameters."""
+
+
+def level_counts(
+    indices: jax.Array, num_levels: int, vocab_size: int, weights: jax.Array | None = None
+) -> jax.Array:
+    """How often each id occurs at each level: indices (...) or (..., L) -> (L, K) float32.
+
+    ``weights`` (...) (one per vector, 0 for padding) weigh each vector's ids.
+    """
+    ids = indices.reshape(-1, num_levels)  # (N, L)
+    w = jnp.ones(ids.shape[0], jnp.float32) if weights is None else weights.reshape(-1)
+    flat = ids + jnp.arange(num_levels, dtype=ids.dtype) * vocab_size  # level l: l K + id
+    counts = jax.ops.segment_sum(
+        jnp.broadcast_to(w[:, None], ids.shape).reshape(-1),
+        flat.reshape(-1),
+        num_segments=num_levels * vocab_size,
+    )
+    return counts.reshape(num_levels, vocab_size)
+
+
+def health(counts: jax.Array) -> dict[str, jax.Array]:
+    """Codebook health from per-level counts (L, K): the mean over levels of perplexity,
+    codes used, their fraction and the largest code's share; each level's perplexity
+    besides (``perplexity_level{l}``) where there are several."""
+    per_level = jax.vmap(codebook_health)(counts)
+    out = {k: jnp.mean(v.astype(jnp.float32)) for k, v in per_level.items()}
+    if counts.shape[0] > 1:
+        for level in range(counts.shape[0]):
+            out[f"perplexity_level{level}"] = per_level["perplexity"][level]
+    return out
+
+
+class Quantizer(nnx.Module):
+    """The interface. Subclasses set ``code_dim``, ``vocab_size`` and ``num_levels`` and
+    implement ``__call__``, ``lookup`` and ``codes``; the rest has defaults.
+
+    - ``__call__(z, train=False) -> QuantizerOutput``: z (..., code_dim); ``train=True``
+      also advances the kind's running state (EMA codebook, restarts) on this batch.
+    - ``lookup(indices)``: tokens (...) or (..., l) -> vectors (..., code_dim); a residual
+      quantizer decodes from its first l <= L levels.
+    - ``codes()``: the code vectors as the decoder sees them, (K, D) or (L, K, D).
+    - ``usage()``: running usage counts (L, K), or None where the kind keeps none.
+    - ``init_from_batch(z, key)``: optional initialisation from encoder outputs.
+    """
+
+    code_dim: int
+    vocab_size: int
+    num_levels: int = 1
+
+    @property
+    def token_shape(self) -> tuple[int, ...]:
+        """Tokens per vector: () with one level, (L,) with several."""
+        return () if self.num_levels == 1 else (self.num_levels,)
+
+    @property
+    def bits_per_token(self) -> float:
+        """Bits of all tokens of one vector (every level)."""
+        return self.num_levels * math.log2(self.vocab_size)
+
+    def __call__(self, z: jax.Array, *, train: bool = False) -> QuantizerOutput:
+        raise NotImplementedError
+
+    def lookup(self, indices: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def codes(self) -> jax.Array:
+        raise NotImplementedError
+
+    def usage(self) -> jax.Array | None:
+        return None
+
+    def init_from_batch(self, z: jax.Array, key: jax.Array) -> None:
+        """No initialisation from data unless the kind has one."""
+
+    def check_input(self, z: jax.Array) -> None:
+        if z.ndim < 1 or z.shape[-1] != self.code_dim:
+            raise ValueError(
+                f"{type(self).__name__} expects inputs (..., {self.code_dim}), got shape {z.shape}"
+            )
+        if not jnp.issubdtype(z.dtype, jnp.floating):
+            raise TypeError(f"{type(self).__name__} expects floating-point inputs, got {z.dtype}")
+
+    def check_ids(self, indices: jax.Array) -> None:
+        if not jnp.issubdtype(indices.dtype, jnp.integer):
+            raise TypeError(f"lookup needs integer indices, got dtype {indices.dtype}")
