@@ -122,13 +122,13 @@ def bench_train(name: str, case: dict, warmup: int, iters: int, compare: bool = 
     trainer.task.stats = {"data_variance": 0.06}
 
     t0 = time.perf_counter()
-    step = trainer.compile_step().lower(state, batch).compile()
+    step = trainer.compile_step().lower(state, batch, trainer.consts).compile()
     compile_s = time.perf_counter() - t0
     temp = step.memory_analysis().temp_size_in_bytes if step.memory_analysis() else None
     planned = program_bytes(step)
 
     def run(state):  # donation: each call consumes the state it is given
-        return step(state, batch)[0]
+        return step(state, batch, trainer.consts)[0]
 
     with jax.set_mesh(trainer.mesh):
         for _ in range(warmup):

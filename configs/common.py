@@ -37,7 +37,30 @@ def base(model: VQVAEConfig | dict) -> ml_collections.ConfigDict:
     c.kmeans_init = False  # start the codebook from k-means on the first batch's encodings
 
     c.loss = ml_collections.ConfigDict()
+    c.loss.pixel = "mse"  # "mse" (the VQ-VAE paper's) or "l1" (taming's)
     c.loss.normalize_by_variance = True  # MSE / data variance, as in the VQ-VAE paper
+    c.loss.perceptual_weight = 0.0  # LPIPS; needs loss.lpips_weights (python -m vqvae.lpips)
+    c.loss.lpips_weights = ""  # a .npz of VGG16 + LPIPS weights; "" leaves the term off
+
+    # The VQGAN recipe's discriminator (vqvae/adversarial.py); weight 0: none
+    c.gan = ml_collections.ConfigDict()
+    c.gan.weight = 0.0  # the adversarial term's weight, on top of the adaptive weight
+    c.gan.start_step = 0  # discriminator and adversarial term off before this step
+    c.gan.loss = "hinge"  # or "non_saturating"
+    c.gan.norm = "spectral"  # "group" or "none"
+    c.gan.channels = 64  # PatchGAN width and depth
+    c.gan.layers = 3
+    c.gan.max_adaptive_weight = 1e4
+    c.gan.lecam_weight = 0.0  # LeCam regularisation of the discriminator (0: off)
+    c.gan.lecam_decay = 0.99
+    c.gan.optim = ml_collections.ConfigDict()  # the discriminator's own optimizer
+    c.gan.optim.name = "adam"
+    c.gan.optim.lr = 1e-4
+    c.gan.optim.b1, c.gan.optim.b2 = 0.5, 0.9
+    c.gan.optim.weight_decay = 0.0
+    c.gan.optim.warmup_steps = 0
+    c.gan.optim.final_lr_fraction = 1.0
+    c.gan.optim.grad_clip = 0.0
 
     c.log_every = 50
     c.eval_every = 500

@@ -23,7 +23,7 @@ def _steps(trainer, n, batches):
     metrics = []
     with jax.set_mesh(trainer.mesh):
         for b in batches[:n]:
-            state, m = step(state, jax.device_put(b, batch_sharding(trainer.mesh)))
+            state, m = step(state, jax.device_put(b, batch_sharding(trainer.mesh)), trainer.consts)
             metrics.append(jax.device_get(m))
     return jax.device_get(state), metrics
 

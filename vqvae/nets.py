@@ -147,7 +147,14 @@ class Decoder(nnx.Module):
         self.norm_out = Norm(ch, group_norm and stem, dtype, rngs=rngs)
         self.stem = nnx.Conv(ch, out_channels, (3, 3), **kw) if stem else None
 
-    def __call__(self, z: jax.Array) -> jax.Array:
+    @property
+    def last_layer(self) -> nnx.Module:
+        """The layer that makes the image: the 3x3 convolution with a stem, else the last
+        transposed convolution (the VQGAN loss balances its gradients there)."""
+        return self.stem if self.stem is not None else self.up[-1]
+
+    def features(self, z: jax.Array) -> jax.Array:
+        """Codes (B, h, w, code_dim) -> the last layer's input."""
         h = self.proj(z)
         if len(self.mid):
             for block in self.mid:
@@ -157,9 +164,12 @@ class Decoder(nnx.Module):
         for i, (blocks, up) in enumerate(zip(self.blocks, self.up, strict=True)):
             for block in blocks:
                 h = block(h)
+            if i == last and self.stem is None:
+                return h  # the last transposed convolution makes the image
             h = up(h)  # (B, 2h, 2w, C')
             if self.res_blocks == 0 and i < last:
                 h = self.act(h)
-        if self.stem is not None:
-            h = self.stem(self.act(self.norm_out(h)))
-        return h
+        return self.act(self.norm_out(h))  # the stem makes the image
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        return self.last_layer(self.features(z))

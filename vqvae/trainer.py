@@ -184,12 +184,18 @@ class Trainer:
         except (TypeError, ValueError):
             return False
 
+    @functools.cached_property
+    def consts(self):
+        """The task's constants, replicated over the mesh."""
+        return jax.device_put(self.task.constants(), replicated(self.mesh))
+
     def compile_step(self):
         """The task's train step, jitted with this mesh's shardings; the input state is
-        donated. Call after the task's stats are set (the loss may close over them)."""
+        donated. Call after the task's stats are set (the loss may close over them).
+        Called as ``step(state, batch, self.consts)``."""
         return jax.jit(
             self.task.train_step(self.graphdef),
-            in_shardings=(self.shardings, batch_sharding(self.mesh)),
+            in_shardings=(self.shardings, batch_sharding(self.mesh), replicated(self.mesh)),
             out_shardings=(self.shardings, replicated(self.mesh)),
             donate_argnums=0,
         )
@@ -235,7 +241,7 @@ class Trainer:
         batches = self._resume_batches(start, meta, restored)
         try:
             with jax.set_mesh(self.mesh):  # compiled now: a signal meanwhile is still start-up
-                step_fn = self.compile_step().lower(state, batches.peek()).compile()
+                step_fn = self.compile_step().lower(state, batches.peek(), self.consts).compile()
             if self._starting_stopped():
                 return {}
             return self._loop(state, start, step_fn, batches)
@@ -270,7 +276,7 @@ class Trainer:
         try:
             with jax.set_mesh(self.mesh):
                 for step in range(start + 1, cfg.steps + 1):
-                    state, metrics = step_fn(state, next(batches))
+                    state, metrics = step_fn(state, next(batches), self.consts)
                     # read once: a signal landing later in this step is acted on at the next
                     stop = self.stop.signal
                     last = step == cfg.steps or stop is not None

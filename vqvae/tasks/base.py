@@ -42,13 +42,14 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
 
 
 def make_train_step(graphdef, tx, loss_fn):
-    """The pure step: (state, batch) -> (state, metrics). state: params, rest, opt, step.
+    """The pure step: (state, batch, consts) -> (state, metrics). state: params, rest, opt,
+    step; ``consts``: the task's constants (unused here).
 
     ``loss_fn(model, batch) -> (loss, metrics)`` may update the model's non-parameter state
     (the EMA codebook); that state is carried out of the step.
     """
 
-    def train_step(state, batch):
+    def train_step(state, batch, consts=None):
         def loss(params):
             # copy: fresh Variables in this trace, so the EMA update may write to them
             model = nnx.merge(graphdef, params, state["rest"], copy=True)
@@ -98,8 +99,13 @@ class Task:
         return nnx.graphdef(nnx.eval_shape(lambda: self.model_config.build(nnx.Rngs(0))))
 
     def train_step(self, graphdef):
-        """The pure step (state, batch) -> (state, metrics) that the loop jits once."""
+        """The pure step (state, batch, consts) -> (state, metrics) that the loop jits once."""
         return make_train_step(graphdef, self.tx, self.loss)
+
+    def constants(self) -> dict[str, Any]:
+        """Arrays the step reads but never trains or saves (pretrained weights, say): passed
+        to it as an argument, replicated, rather than baked into the compiled program."""
+        return {}
 
     def loss(self, model, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
         raise NotImplementedError

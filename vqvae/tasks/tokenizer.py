@@ -1,18 +1,26 @@
 """Training the VQ-VAE tokenizer: pixel loss over the data's variance plus the quantizer's
-loss; held-out MSE, PSNR, codebook usage and dead codes; an evaluation grid."""
+loss; held-out MSE, PSNR, sharpness, codebook usage and dead codes; an evaluation grid.
+
+As an option, the VQGAN recipe (taming-transformers): a patch discriminator whose
+adversarial loss is balanced by the adaptive weight (``config.gan``), and the LPIPS
+perceptual distance (``config.loss.perceptual_weight`` with ``loss.lpips_weights``).
+"""
 
 import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
+from vqvae import adversarial
 from vqvae.data import local_examples
 from vqvae.logs import psnr
+from vqvae.lpips import LPIPS, load_weights
 from vqvae.model import VQVAEConfig, to_model_range, to_uint8, vqvae_loss
 from vqvae.quantizers import health, level_counts
-from vqvae.tasks.base import Task
+from vqvae.tasks.base import Task, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -20,14 +28,177 @@ log = logging.getLogger(__name__)
 class TokenizerTask(Task):
     kind = "vqvae"
 
+    def __init__(self, config, arrays=None):
+        super().__init__(config, arrays)
+        gan = config.get("gan")
+        self.gan = gan if gan is not None and gan.weight > 0 else None
+        if self.gan is not None:
+            if gan.loss not in adversarial.LOSSES:
+                raise ValueError(f"gan.loss must be one of {adversarial.LOSSES}, got {gan.loss!r}")
+            self.disc_tx = make_optimizer(gan.optim, config.steps)
+            self.disc_graphdef = nnx.graphdef(nnx.eval_shape(lambda: self.discriminator(0)))
+        self.lpips = self._perceptual()
+        pixel = config.loss.get("pixel", "mse")
+        if pixel not in ("mse", "l1"):
+            raise ValueError(f"loss.pixel must be 'mse' or 'l1', got {pixel!r}")
+
     def make_model_config(self) -> VQVAEConfig:
         return VQVAEConfig.from_dict(dict(self.config.model))
+
+    def _perceptual(self) -> LPIPS | None:
+        """The LPIPS network, where asked for and a weights file is given."""
+        weight = self.config.loss.get("perceptual_weight", 0.0)
+        path = self.config.loss.get("lpips_weights", "")
+        if weight <= 0:
+            return None
+        if not path:
+            log.warning(
+                "perceptual term off: no LPIPS weights file given (loss.lpips_weights; "
+                "make one with python -m vqvae.lpips)"
+            )
+            return None
+        if self.model_config.channels != 3:
+            raise ValueError("the LPIPS perceptual term needs RGB images (channels=3)")
+        return LPIPS(load_weights(path))
+
+    def discriminator(self, seed: int) -> adversarial.PatchDiscriminator:
+        g = self.gan
+        return adversarial.PatchDiscriminator(
+            self.model_config.channels,
+            channels=g.channels,
+            layers=g.layers,
+            norm=g.norm,
+            rngs=nnx.Rngs(seed),
+        )
+
+    def init_state(self):
+        state = super().init_state()
+        if self.gan is not None:  # a second model and optimizer: the discriminator's
+            _, params, rest = nnx.split(self.discriminator(self.config.seed + 1), nnx.Param, ...)
+            state["disc"] = {
+                "params": params,
+                "rest": rest,
+                "opt": self.disc_tx.init(params),
+                "lecam": jnp.zeros(2, jnp.float32),  # EMAs of its mean real and fake logits
+            }
+        return state
+
+    def constants(self):
+        return {"lpips": nnx.state(self.lpips)} if self.lpips is not None else {}
+
+    def _pixel_loss(self, recon: jax.Array, x: jax.Array) -> jax.Array:
+        """MSE over the data's variance (the VQ-VAE paper's), or L1 (taming's)."""
+        if self.config.loss.get("pixel", "mse") == "l1":
+            return jnp.mean(jnp.abs(recon - x))
+        normalize = self.config.loss.normalize_by_variance
+        variance = self.stats["data_variance"] if normalize else 1.0
+        return jnp.mean(jnp.square(recon - x)) / variance
 
     def loss(self, model, batch):
         x = to_model_range(batch["image"])  # (B, H, W, C)
         normalize = self.config.loss.normalize_by_variance
         variance = self.stats["data_variance"] if normalize else 1.0
         return vqvae_loss(model, x, train=True, data_variance=variance)
+
+    def train_step(self, graphdef):
+        if self.gan is None and self.lpips is None:
+            return super().train_step(graphdef)
+        return self._vqgan_step(graphdef)
+
+    def _vqgan_step(self, graphdef):
+        """(state, batch, consts) -> (state, metrics): the generator's step on pixel,
+        perceptual, quantizer and (past ``gan.start_step``) adversarial losses, then the
+        discriminator's on real images and the reconstructions."""
+        gan, tx = self.gan, self.tx
+        perceptual_weight = self.config.loss.get("perceptual_weight", 0.0)
+        lpips_graphdef = nnx.graphdef(self.lpips) if self.lpips is not None else None
+
+        def step(state, batch, consts):
+            x = to_model_range(batch["image"])
+            lpips = nnx.merge(lpips_graphdef, consts["lpips"]) if lpips_graphdef else None
+            on = (state["step"] >= gan.start_step).astype(jnp.float32) if gan else 0.0
+
+            def rec_loss(recon):  # every loss that compares to the input
+                loss = self._pixel_loss(recon, x)
+                if lpips is not None:
+                    loss = loss + perceptual_weight * jnp.mean(lpips(x, recon))
+                return loss
+
+            def gen_loss(params):
+                model = nnx.merge(graphdef, params, state["rest"], copy=True)
+                q = model.quantizer(model.encode(x), train=True)
+                h = model.decoder.features(q.quantized)  # the last layer's input
+                last = model.decoder.last_layer
+                recon = last(h).astype(jnp.float32)
+                rec = rec_loss(recon)
+                metrics = {"mse": jnp.mean(jnp.square(recon - x)), "recon_loss": rec, **q.metrics}
+                total = rec + q.loss
+                if gan is not None:
+
+                    def adv(r):  # merged in each trace: spectral norm writes its kernel
+                        disc = nnx.merge(self.disc_graphdef, *_frozen(state["disc"]), copy=True)
+                        return adversarial.generator_loss(disc(r), gan.loss)
+
+                    g = adv(recon)
+                    layer, layer_state = nnx.split(last)
+
+                    def with_kernel(w):  # the last layer as a function of its kernel
+                        s = jax.tree_util.tree_map_with_path(
+                            lambda path, v: (
+                                w if jax.tree_util.keystr(path).startswith("['kernel']") else v
+                            ),
+                            layer_state,
+                        )
+                        return nnx.merge(layer, s)(h).astype(jnp.float32)
+
+                    kernel = last.kernel.get_value()
+                    weight = adversarial.adaptive_weight(
+                        rec_loss, adv, recon, with_kernel, kernel, gan.max_adaptive_weight
+                    )
+                    total = total + on * gan.weight * weight * g
+                    metrics |= {"generator_loss": g, "adaptive_weight": weight}
+                metrics["loss"] = total
+                return total, (nnx.state(model, nnx.Not(nnx.Param)), metrics, recon)
+
+            grads, (rest, metrics, recon) = jax.grad(gen_loss, has_aux=True)(state["params"])
+            updates, opt = tx.update(grads, state["opt"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            metrics["grad_norm"] = optax.tree.norm(grads)
+            new = {**state, "params": params, "rest": rest, "opt": opt, "step": state["step"] + 1}
+            if gan is not None:
+                new["disc"], disc_metrics = self._disc_step(state["disc"], x, recon, on)
+                metrics |= disc_metrics
+            return new, metrics
+
+        return step
+
+    def _disc_step(self, disc_state, x, recon, on):
+        """One discriminator step on real images and (fixed) reconstructions."""
+        gan = self.gan
+        ema = disc_state["lecam"]
+
+        def loss(params):
+            disc = nnx.merge(self.disc_graphdef, params, disc_state["rest"], copy=True)
+            real = disc(x, train=True)
+            fake = disc(jax.lax.stop_gradient(recon), train=True)
+            d = adversarial.discriminator_loss(real, fake, gan.loss)
+            if gan.lecam_weight > 0:
+                d = d + gan.lecam_weight * adversarial.lecam_penalty(real, fake, ema[0], ema[1])
+            aux = (nnx.state(disc, nnx.Not(nnx.Param)), jnp.mean(real), jnp.mean(fake), d)
+            return on * d, aux
+
+        grads, (rest, real, fake, d) = jax.grad(loss, has_aux=True)(disc_state["params"])
+        updates, opt = self.disc_tx.update(grads, disc_state["opt"], disc_state["params"])
+        means = jnp.stack([real, fake])
+        lecam = jnp.where(on > 0, gan.lecam_decay * ema + (1 - gan.lecam_decay) * means, ema)
+        new = {
+            "params": optax.apply_updates(disc_state["params"], updates),
+            "rest": rest,
+            "opt": opt,
+            "lecam": lecam,
+        }
+        metrics = {"disc_loss": d, "logits_real": real, "logits_fake": fake, "gan_on": on}
+        return new, metrics
 
     def compute_stats(self, train_source, batches: int = 8, batch_size: int = 256):
         """Pixel variance of a few thousand training images, for the normalised MSE.
@@ -75,7 +246,13 @@ class TokenizerTask(Task):
             err = jnp.mean(jnp.square(out.reconstruction - x), axis=(1, 2, 3))  # (B,)
             grid = jnp.broadcast_to(w[:, None, None], out.indices.shape[:3])  # (B, h, w)
             counts = level_counts(out.indices, q.num_levels, q.vocab_size, grid)  # (L, K)
-            return {"squared_error": jnp.sum(err * w), "examples": jnp.sum(w), "counts": counts}
+            return {
+                "squared_error": jnp.sum(err * w),
+                "examples": jnp.sum(w),
+                "counts": counts,
+                "detail_recon": jnp.sum(high_frequency_energy(out.reconstruction) * w),
+                "detail_input": jnp.sum(high_frequency_energy(x) * w),
+            }
 
         return sums
 
@@ -92,6 +269,8 @@ class TokenizerTask(Task):
             "normalized_mse": mse / self.stats["data_variance"],  # the VQ-VAE paper's figure
             **health(sums["counts"]),
             "dead_codes": dead.astype(jnp.float32),
+            # high-frequency energy kept: 1 as sharp as the input, under 1 blurred
+            "sharpness": sums["detail_recon"] / jnp.maximum(sums["detail_input"], 1e-12),
             "examples": sums["examples"],
         }
 
@@ -107,3 +286,29 @@ class TokenizerTask(Task):
 
     def meta(self):
         return {**super().meta(), "data_variance": self.stats["data_variance"]}
+
+
+def _frozen(disc_state: dict) -> tuple:
+    """A discriminator's parameters held constant (the generator's step does not train it)
+    and its other state, for ``nnx.merge``."""
+    return jax.lax.stop_gradient(disc_state["params"]), disc_state["rest"]
+
+
+LAPLACIAN = jnp.array([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+
+
+def high_frequency_energy(images: jax.Array) -> jax.Array:
+    """Each image's mean squared response to a 3x3 Laplacian (every channel, interior
+    pixels): images (B, H, W, C) -> (B,). Blur takes it down; the evaluation reports the
+    reconstructions' over the originals' as ``sharpness``."""
+    c = images.shape[-1]
+    kernel = jnp.tile(LAPLACIAN[:, :, None, None], (1, 1, 1, c))  # (3, 3, 1, C): per channel
+    response = jax.lax.conv_general_dilated(
+        images.astype(jnp.float32),
+        kernel,
+        (1, 1),
+        "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=c,
+    )
+    return jnp.mean(jnp.square(response), axis=(1, 2, 3))

@@ -1,0 +1,119 @@
+"""The adversarial half of the VQGAN recipe: a patch discriminator and its losses.
+
+taming-transformers' ``VQLPIPSWithDiscriminator`` in small pure functions: the PatchGAN
+discriminator (pix2pix's, with spectral or group normalisation), hinge or non-saturating
+losses, the adaptive weight that balances the generator's adversarial gradient against the
+reconstruction's at the decoder's last layer, and LeCam regularisation (Tseng et al. 2021)
+for the discriminator.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LOSSES = ("hinge", "non_saturating")
+NORMS = ("spectral", "group", "none")
+
+
+class PatchDiscriminator(nnx.Module):
+    """PatchGAN: images (B, H, W, C) in the training range -> real/fake logits (B, h, w, 1),
+    one per overlapping patch.
+
+    A 4x4 stride-2 convolution to ``channels``, ``layers`` more that halve the resolution
+    and double the width (up to 8x), a stride-1 one, and a 4x4 convolution to one logit;
+    LeakyReLU(0.2) between, and spectral or group normalisation on the inner ones.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        channels: int = 64,
+        layers: int = 3,
+        norm: str = "spectral",
+        rngs: nnx.Rngs,
+    ):
+        if norm not in NORMS:
+            raise ValueError(f"discriminator norm must be one of {NORMS}, got {norm!r}")
+        widths = [channels * min(2**i, 8) for i in range(layers + 1)]  # (64, 128, 256, 512)
+        strides = [2] * layers + [1]
+        self.first = nnx.Conv(in_channels, widths[0], (4, 4), strides=2, rngs=rngs)
+        convs, norms = [], []
+        for cin, cout, stride in zip(widths[:-1], widths[1:], strides[1:], strict=True):
+            conv = nnx.Conv(cin, cout, (4, 4), strides=stride, use_bias=norm != "group", rngs=rngs)
+            if norm == "spectral":
+                conv = nnx.SpectralNorm(conv, rngs=rngs)
+            convs.append(conv)
+            norms.append(
+                nnx.GroupNorm(cout, num_groups=min(32, cout), rngs=rngs)
+                if norm == "group"
+                else None
+            )
+        self.convs, self.norms = nnx.List(convs), nnx.List(norms)
+        self.last = nnx.Conv(widths[-1], 1, (4, 4), rngs=rngs)
+        self.spectral = norm == "spectral"
+
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        h = jax.nn.leaky_relu(self.first(x), 0.2)
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            h = conv(h, update_stats=train) if self.spectral else conv(h)
+            h = jax.nn.leaky_relu(norm(h) if norm is not None else h, 0.2)
+        return self.last(h).astype(jnp.float32)
+
+
+def discriminator_loss(real: jax.Array, fake: jax.Array, kind: str) -> jax.Array:
+    """The discriminator's loss on logits of real and reconstructed images.
+
+    hinge: (mean relu(1 - real) + mean relu(1 + fake)) / 2; non-saturating:
+    (mean softplus(-real) + mean softplus(fake)) / 2, the cross-entropy of sigmoid(logit).
+    """
+    if kind == "hinge":
+        return 0.5 * (jnp.mean(jax.nn.relu(1.0 - real)) + jnp.mean(jax.nn.relu(1.0 + fake)))
+    if kind == "non_saturating":
+        return 0.5 * (jnp.mean(jax.nn.softplus(-real)) + jnp.mean(jax.nn.softplus(fake)))
+    raise ValueError(f"adversarial loss must be one of {LOSSES}, got {kind!r}")
+
+
+def generator_loss(fake: jax.Array, kind: str) -> jax.Array:
+    """The generator's adversarial loss on the logits of its reconstructions: hinge uses
+    -mean(fake) (taming's); non-saturating mean softplus(-fake), i.e. -log sigmoid(fake)."""
+    if kind == "hinge":
+        return -jnp.mean(fake)
+    if kind == "non_saturating":
+        return jnp.mean(jax.nn.softplus(-fake))
+    raise ValueError(f"adversarial loss must be one of {LOSSES}, got {kind!r}")
+
+
+def adaptive_weight(
+    reconstruction_loss: Callable[[jax.Array], jax.Array],
+    adversarial_loss: Callable[[jax.Array], jax.Array],
+    output: jax.Array,
+    last_layer: Callable[[jax.Array], jax.Array],
+    kernel: jax.Array,
+    max_weight: float = 1e4,
+) -> jax.Array:
+    """taming's adaptive weight: |d rec / d W| / (|d adv / d W| + 1e-4), clipped to
+    [0, max_weight], with W the decoder's last layer's kernel. Held constant (no gradient).
+
+    ``output`` is the decoder's output, ``last_layer(W) == output`` its last layer as a
+    function of the kernel (the layer's input fixed), and the two losses are functions of
+    the output: their gradients reach W through that one layer only, so this costs two
+    small backward passes and no second pass through the model.
+    """
+    grad_rec = jax.grad(reconstruction_loss)(output)
+    grad_adv = jax.grad(adversarial_loss)(output)
+    _, to_kernel = jax.vjp(last_layer, kernel)
+    (w_rec,) = to_kernel(grad_rec)
+    (w_adv,) = to_kernel(grad_adv)
+    weight = jnp.linalg.norm(w_rec) / (jnp.linalg.norm(w_adv) + 1e-4)
+    return jax.lax.stop_gradient(jnp.clip(weight, 0.0, max_weight))
+
+
+def lecam_penalty(real: jax.Array, fake: jax.Array, ema_real, ema_fake) -> jax.Array:
+    """LeCam regularisation: mean relu(real - ema_fake)^2 + mean relu(ema_real - fake)^2,
+    with exponential moving averages of the discriminator's mean logits."""
+    return jnp.mean(jnp.square(jax.nn.relu(real - ema_fake))) + jnp.mean(
+        jnp.square(jax.nn.relu(ema_real - fake))
+    )
