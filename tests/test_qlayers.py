@@ -1,0 +1,49 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vqvae.qlayers import QuantizedConv, QuantizedLinear, uniform_quantizer
+from vqvae.ste import piecewise_linear
+
+
+def test_uniform_quantizer_clips_to_the_signed_range():
+    q = uniform_quantizer(3)
+    u = jnp.array([-9.0, -4.4, -0.6, 0.2, 2.5, 3.4, 3.6, 100.0])
+    np.testing.assert_array_equal(q(u), [-4, -4, -1, 0, 2, 3, 3, 3])
+    with pytest.raises(ValueError, match="bits"):
+        uniform_quantizer(0)
+
+
+@pytest.mark.parametrize("derivative", [None, piecewise_linear(0.5)])
+def test_dense_forward_uses_grid_weights_and_backward_the_estimator(derivative):
+    layer = QuantizedLinear(5, 3, bits=4, scale=0.1, derivative=derivative, rngs=nnx.Rngs(0))
+    w = layer.quantized_kernel()
+    steps = np.asarray(w) / 0.1
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-5)
+    assert steps.min() >= -8 and steps.max() <= 7
+    x = jax.random.normal(jax.random.key(1), (4, 5))
+    np.testing.assert_allclose(layer(x), x @ w, rtol=1e-6)
+
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+    def loss(params):
+        return jnp.sum(nnx.merge(graphdef, params, rest)(x) ** 2)
+
+    kernel = layer.kernel.get_value()
+    grad = jax.grad(loss)(params)["kernel"].get_value()
+    upstream = jax.grad(lambda wq: jnp.sum((x @ wq) ** 2))(w)  # at the quantized weights
+    d = derivative(kernel / 0.1) if derivative else 1.0
+    np.testing.assert_allclose(grad, upstream * d, rtol=1e-5)
+
+
+def test_conv_forward_matches_a_plain_conv_on_the_quantized_kernel():
+    conv = QuantizedConv(2, 4, (3, 3), strides=2, bits=2, scale=0.3, rngs=nnx.Rngs(0))
+    w = conv.quantized_kernel()
+    assert set(np.round(np.asarray(w) / 0.3).ravel().tolist()) <= {-2.0, -1.0, 0.0, 1.0}
+    x = jax.random.normal(jax.random.key(2), (1, 8, 8, 2))
+    plain = nnx.Conv(2, 4, (3, 3), strides=2, padding="SAME", rngs=nnx.Rngs(0))
+    plain.kernel.set_value(w)
+    np.testing.assert_allclose(conv(x), plain(x), rtol=1e-5, atol=1e-6)
+    assert conv(x).shape == (1, 4, 4, 4)
