@@ -204,19 +204,19 @@ def photo_crops(count: int, size: int = 32, seed: int = 0, train: bool = True) -
 
 
 def vq_model(estimator: str, seed: int = 0):
-    """The default config's small VQ-VAE (32 px, 8x8 grid, 256 EMA codes)."""
+    """configs/default.py's small VQ-VAE (32 px, 8x8 grid, 256 EMA codes), without its
+    dead-code restarts, with the given estimator."""
+    import sys
+    from pathlib import Path
+
     from vqvae.model import VQVAEConfig
     from vqvae.quantizers import QuantizerConfig
 
-    config = VQVAEConfig(
-        image_size=32,
-        base_channels=32,
-        channel_mult=(1, 2),
-        mid_blocks=2,
-        res_hidden=32,
-        code_dim=32,
-        quantizer=QuantizerConfig(num_codes=256, estimator=estimator),
-    )
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the configs folder
+    from configs import default
+
+    config = VQVAEConfig.from_dict(default.get_config().model.to_dict())
+    config = config.replace(quantizer=QuantizerConfig(num_codes=256, estimator=estimator))
     return config.build(nnx.Rngs(seed))
 
 
