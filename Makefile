@@ -2,18 +2,27 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+STAMP := $(VENV)/.installed-stamp  # the full (test) install
+RUN_STAMP := $(VENV)/.installed-photos  # what `make train` needs
 
 .PHONY: train test lint clean
 
-$(STAMP): pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
-	touch $(STAMP)
+	$(PY) -m pip install --upgrade pip
+
+# `make train` needs the package and the photos extra alone (no TensorFlow, no test tools).
+$(RUN_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -e '.[photos]'
+	touch $@
+
+# `make test` needs everything: the tfds, photos and dev extras (TensorFlow included).
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -e '.[dev]'
+	touch $@ $(RUN_STAMP)
 
 ## Train a small tokenizer on the embedded sample photos (offline), then reconstruct.
-train: $(STAMP)
+train: $(RUN_STAMP)
 	$(PY) train.py --config configs/default.py --workdir workdir/default
 	$(PY) sample.py --workdir workdir/default --out workdir/default/recon.png
 
