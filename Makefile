@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp  # the full (test) install
-RUN_STAMP := $(VENV)/.installed-photos  # what `make train` needs
+# stamps: the full (test) install, and what `make train` needs
+STAMP := $(VENV)/.installed-stamp
+RUN_STAMP := $(VENV)/.installed-photos
 
 .PHONY: train test lint clean
 
