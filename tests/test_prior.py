@@ -98,8 +98,8 @@ def test_prior_trains_checkpoints_and_generates(trained10, tmp_path):
     assert proc.returncode == 0, proc.stderr
     from PIL import Image
 
-    with Image.open(out) as im:
-        assert im.size == (8 * 16, 2 * 16)
+    with Image.open(out) as im:  # 2 rows of 8 samples, 16 px tiles shown 6x, 2 px borders
+        assert im.size == (2 + 8 * (6 * 16 + 2), 2 + 2 * (6 * 16 + 2))
 
 
 def test_out_of_range_class_labels_are_a_clear_error():

@@ -129,8 +129,8 @@ def test_sigterm_saves_and_exits_cleanly_then_sample_reconstructs(tmp_path):
     assert re.search(r"16 images, MSE 0\.\d+, PSNR \d+\.\d+ dB", sample.stdout)
     from PIL import Image
 
-    with Image.open(out) as im:  # 2 rows of inputs over reconstructions, 8 of 16px each
-        assert im.size == (8 * 16, 4 * 16)
+    with Image.open(out) as im:  # 2 rows of inputs over reconstructions, 8 of 16px shown 6x
+        assert im.size == (2 + 8 * (6 * 16 + 2), 2 + 4 * (6 * 16 + 2))  # 2 px borders
 
 
 @pytest.mark.skipif(os.name != "posix", reason="signals")

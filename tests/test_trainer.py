@@ -134,8 +134,8 @@ def test_trains_and_evaluates_from_tfds_mock_data(tmp_path):
         sample.main(["--workdir", str(tmp_path), "--out", str(out), "--num", "8"])
     from PIL import Image
 
-    with Image.open(out) as im:  # inputs over reconstructions, 8 of 16 px
-        assert im.size == (8 * 16, 2 * 16)
+    with Image.open(out) as im:  # inputs over reconstructions, 8 of 16 px shown 6x, borders
+        assert im.size == (2 + 8 * (6 * 16 + 2), 2 + 2 * (6 * 16 + 2))
 
 
 def test_kmeans_init_seeds_the_codebook_from_the_first_batch(tmp_path):

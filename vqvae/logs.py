@@ -18,15 +18,43 @@ def psnr(mse: float) -> float:
     return float(10 * np.log10(1.0 / max(mse, 1e-12)))
 
 
-def image_grid(rows: list[np.ndarray], path: Path) -> None:
-    """Write rows of uint8 images (n, H, W, C) as one PNG, atomically."""
-    tiles = [np.concatenate(list(r), axis=1) for r in rows]
-    grid = np.concatenate(tiles, axis=0)
-    if grid.shape[-1] == 1:
-        grid = grid[..., 0]
+GRID_TILE_PX = 96  # smaller images are enlarged (nearest neighbour) to about this size
+GRID_BORDER_PX = 2  # white lines between and around the tiles
+
+
+def grid_array(rows: list[np.ndarray], tile_px: int = GRID_TILE_PX, border: int = GRID_BORDER_PX):
+    """Rows of uint8 images (n, H, W, C) -> one uint8 image (H', W', C) for people to read.
+
+    Images under ``tile_px`` on their longer side are enlarged by a whole factor with
+    nearest neighbour (pixels stay sharp squares); ``border`` px of white separate them.
+    Rows may hold different numbers of images; the missing tiles stay white.
+    """
+    rows = [np.asarray(r) for r in rows if len(r)]
+    if not rows:
+        raise ValueError("image_grid: no images")
+    h, w, c = rows[0].shape[1:]
+    scale = max(1, -(-tile_px // max(h, w)))  # ceil: 32 px -> 3x, 16 px -> 6x
+    th, tw = h * scale, w * scale
+    cols = max(len(r) for r in rows)
+    out = np.full(
+        (border + len(rows) * (th + border), border + cols * (tw + border), c), 255, np.uint8
+    )
+    for i, row in enumerate(rows):
+        big = row.repeat(scale, axis=1).repeat(scale, axis=2)
+        for j, tile in enumerate(big):
+            y, x = border + i * (th + border), border + j * (tw + border)
+            out[y : y + th, x : x + tw] = tile
+    return out
+
+
+def image_grid(rows: list[np.ndarray], path: Path) -> np.ndarray:
+    """Write rows of uint8 images (n, H, W, C) as one PNG (see ``grid_array``), atomically;
+    returns the grid written."""
+    grid = grid_array(rows)
     tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(grid).save(tmp)
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp)
     tmp.replace(path)
+    return grid
 
 
 def trim_history(path: Path, step: int) -> int:
@@ -83,6 +111,44 @@ class MetricsLog:
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(f"{split}/{k}", v, step)
+
+    def views(self, step: int, views: dict) -> None:
+        """An evaluation's pictures: ``grid`` (the evaluation grid) and ``code_counts``."""
+        if "grid" in views:
+            self.image(step, "eval/grid", views["grid"])
+        if "code_counts" in views:
+            self.code_usage(step, views["code_counts"])
+
+    def image(self, step: int, tag: str, image: np.ndarray) -> None:
+        """A uint8 image (H, W, C) in TensorBoard's Images tab (the evaluation grid)."""
+        if self.writes and self.tb is not None:
+            self.tb.add_image(tag, image, step, dataformats="HWC")
+
+    def code_usage(self, step: int, counts: np.ndarray, max_bins: int = 512) -> None:
+        """How often each code was used, (levels, K) counts, as TensorBoard histograms over
+        the code ids (one per level; neighbouring ids are summed past ``max_bins``)."""
+        if not (self.writes and self.tb is not None):
+            return
+        counts = np.asarray(counts, np.float64).reshape(-1, np.shape(counts)[-1])
+        for level, c in enumerate(counts):
+            k = len(c)
+            width = -(-k // max_bins)
+            pad = np.pad(c, (0, -k % width))
+            binned = pad.reshape(-1, width).sum(axis=1)
+            ids = np.arange(k, dtype=np.float64)
+            n = c.sum()
+            tag = "codes/usage" if len(counts) == 1 else f"codes/usage_level{level}"
+            self.tb.add_histogram_raw(
+                tag,
+                min=0.0,
+                max=float(k - 1),
+                num=float(n),
+                sum=float(ids @ c),
+                sum_squares=float((ids * ids) @ c),
+                bucket_limits=(np.arange(1, len(binned) + 1) * width - 0.5).tolist(),
+                bucket_counts=binned.tolist(),
+                global_step=step,
+            )
 
     def close(self) -> None:
         if not self.writes:

@@ -311,6 +311,7 @@ class Trainer:
                     if cfg.eval_every and (step % cfg.eval_every == 0 or last):
                         eval_metrics = self.evaluate(state)
                         metrics_log.write(step, "eval", eval_metrics)
+                        metrics_log.views(step, self.eval_views)
                     watchdog.beat()
                     if stop is not None:
                         log.warning("%s: saved step %d; rerun to resume", self.stop.name, step)
@@ -390,7 +391,11 @@ class Trainer:
                     grid = (host["image"], local_rows(preview(state, batch)))
             out = finish(acc, state)
         metrics = {k: float(np.asarray(v.addressable_data(0))) for k, v in out.items()}
+        self.eval_views = {}  # for TensorBoard: the grid written and the code counts
         if grid is not None and jax.process_index() == 0:
             k = min(8, len(grid[0]))
-            image_grid([grid[0][:k], grid[1][:k]], self.workdir / "eval_grid.png")
+            path = self.workdir / "eval_grid.png"
+            self.eval_views["grid"] = image_grid([grid[0][:k], grid[1][:k]], path)
+        if "counts" in acc:
+            self.eval_views["code_counts"] = np.asarray(acc["counts"].addressable_data(0))
         return self.task.host_metrics(metrics)
