@@ -1,14 +1,18 @@
 """Use a trained tokenizer or prior, without its config file (checkpoints carry it).
 
-    # reconstruct held-out images: inputs (top rows) over reconstructions; prints MSE/PSNR
-    python sample.py --workdir DIR --out recon.png [--source SPEC] [--num 16]
-    # encode a whole source into token shards (+ manifest.json and the codebook)
-    python sample.py --workdir DIR --mode tokens --source SPEC --out tokens/ [--split val]
-    # the codebook alone, as codebook.npy and codebook.npz
-    python sample.py --workdir DIR --mode codebook --out codebook/
-    # sample token grids from a trained prior and decode them with its tokenizer
-    python sample.py --workdir PRIOR_DIR --mode generate --num 64 --temperature 1.0 \\
-        --top-k 0 --out samples.png
+examples:
+  # reconstruct held-out images: inputs (top rows) over reconstructions; prints MSE/PSNR
+  python sample.py --workdir workdir/default --out workdir/default/recon.png --num 32
+  # score every image of a folder (not only its held-out share)
+  python sample.py --workdir workdir/default --source folder:DIR --split all --num 256
+  # encode a whole source into token shards (+ manifest.json and the codebook)
+  python sample.py --workdir workdir/default --mode tokens --source sample_photos \\
+      --out workdir/tokens/ [--split val]
+  # the codebook alone, as codebook.npy and codebook.npz
+  python sample.py --workdir workdir/default --mode codebook --out workdir/codebook/
+  # sample token grids from a trained prior and decode them with its tokenizer
+  python sample.py --workdir workdir/prior --mode generate --num 64 --temperature 1.0 \\
+      --top-k 0 --out workdir/prior/samples.png
 """
 
 import argparse
@@ -19,8 +23,35 @@ import numpy as np
 
 from vqvae.runtime import clean_errors, setup
 
+GRID_MAX = 64  # images shown in a reconstruction grid (the figures may be over more)
+SPLITS = {"val": "held-out ", "train": "training ", "all": ""}  # "over 16 of N ... images"
+TINY_SET = 32  # figures over fewer images than this are noisy: said so
 
-def reconstruct(workdir: str, out: str, source: str | None, num: int, step: int | None) -> dict:
+
+def recon_source(meta: dict, source: str | None, split: str):
+    """The images to score: the checkpoint's held-out set (its ``data.val_source`` in full
+    where training had one) or ``source``'s; with ``split`` train its training part, with
+    all every image."""
+    from vqvae import data as data_lib
+
+    data = dict(meta["data"])
+    if source:
+        data["source"] = source
+    elif split == "val":  # the held-out set the training evaluated on
+        data["val_source"] = meta.get("config", {}).get("data", {}).get("val_source", "")
+    if split == "all":
+        data["val_source"] = data["source"]  # a source used in full (nothing held out)
+    cfg = meta["model"]
+    return data_lib.make_source(
+        data, image_size=cfg["image_size"], channels=cfg["channels"], train=split == "train"
+    ), data.get("val_source") or data["source"]
+
+
+def reconstruct(
+    workdir: str, out: str, source: str | None, num: int, step: int | None, split: str = "val"
+) -> dict:
+    """MSE and PSNR over ``num`` images of the split (0: all of them) and a grid of the
+    first (inputs over reconstructions)."""
     import jax
 
     from vqvae import data as data_lib
@@ -29,27 +60,39 @@ def reconstruct(workdir: str, out: str, source: str | None, num: int, step: int 
     from vqvae.model import to_model_range, to_uint8
 
     model, meta = load_model(workdir, step)
-    cfg = meta["model"]
-    data = {**meta["data"], "source": source or meta["data"]["source"]}
-    src = data_lib.make_source(
-        data, image_size=cfg["image_size"], channels=cfg["channels"], train=False
-    )
-    examples = data_lib.local_examples(src, num)
-    images = next(examples)["image"]  # (num, H, W, C) uint8, held out from training
-    examples.close()
-    num = len(images)
-    recon = jax.jit(lambda x: to_uint8(model(to_model_range(x)).reconstruction))(images)
-    recon = np.asarray(recon)
-    mse = float(np.mean((recon.astype(np.float64) - images) ** 2) / 255.0**2)
+    src, spec = recon_source(meta, source, split)
+    total = len(src) if num == 0 else min(num, len(src))
+    fn = jax.jit(lambda x: to_uint8(model(to_model_range(x)).reconstruction))
+    squared, done, shown = 0.0, 0, None
+    examples = data_lib.local_examples(src, min(total, GRID_MAX))
+    try:
+        for batch in examples:
+            images = batch["image"][: total - done]  # (n, H, W, C) uint8
+            recon = np.asarray(fn(images))
+            squared += float(np.sum((recon.astype(np.float64) - images) ** 2))
+            done += len(images)
+            if shown is None:
+                shown = images, recon
+            if done >= total:
+                break
+    finally:
+        examples.close()
+    mse = squared / max(done * np.prod(images.shape[1:]), 1) / 255.0**2
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     per_row = 8
     rows = []
-    for i in range(0, num, per_row):
-        rows += [images[i : i + per_row], recon[i : i + per_row]]
+    for i in range(0, len(shown[0]), per_row):
+        rows += [shown[0][i : i + per_row], shown[1][i : i + per_row]]
     if len(rows) > 2 and len(rows[-1]) < per_row:
         rows = rows[:-2]
     image_grid(rows, Path(out))
-    return {"mse": mse, "psnr": psnr(mse), "images": num}
+    return {
+        "mse": mse,
+        "psnr": psnr(mse),
+        "images": done,
+        "shown": sum(len(r) for r in rows[::2]),
+        "of": f"{total} of {len(src):,} {SPLITS[split]}images of {spec}",
+    }
 
 
 def export(workdir, mode, out, source, split, step) -> None:
@@ -99,31 +142,69 @@ def generate(workdir, out, num, temperature, top_k, label, seed, step) -> None:
     print(f"wrote {out}: {len(rows) * per_row} samples of {tok.grid_shape()} tokens")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block above them)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """--help shows each default (where the help does not say it) and keeps the examples'
+    layout."""
+
+    def _get_help_string(self, action):
+        shown = action.default not in (None, argparse.SUPPRESS) and "default" not in action.help
+        return f"{action.help} (default: %(default)s)" if shown else action.help
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = _Parser(prog="sample.py", description=__doc__, formatter_class=_Help)
     p.add_argument("--workdir", required=True, help="training workdir with checkpoints/")
-    p.add_argument("--mode", default="recon", choices=["recon", "tokens", "codebook", "generate"])
-    p.add_argument("--out", default=None, help="PNG grid (recon, generate) or folder to write")
+    p.add_argument(
+        "--mode",
+        default="recon",
+        choices=["recon", "tokens", "codebook", "generate"],
+        help="reconstruct images, export tokens or the codebook, or sample from a prior",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="PNG grid (recon, generate; default WORKDIR/recon.png, WORKDIR/samples.png) or "
+        "the folder to write (tokens, codebook: required, must not exist)",
+    )
     p.add_argument("--source", default=None, help="data source (default: the training one)")
-    p.add_argument("--split", default="train", choices=["train", "val"], help="tokens: split")
-    p.add_argument("--num", type=int, default=16, help="how many images")
+    p.add_argument(
+        "--split",
+        default=None,
+        choices=["train", "val", "all"],
+        help="which images: val (held out), train, or all (recon: every image of the source, "
+        "nothing held out). Default: recon val, tokens train",
+    )
+    p.add_argument("--num", type=int, default=16, help="how many images (recon: 0 for all)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--temperature", type=float, default=1.0, help="generate: temperature")
     p.add_argument("--top-k", type=int, default=0, help="generate: keep the k best (0: all)")
     p.add_argument("--label", type=int, default=-1, help="generate: class (-1: none)")
     p.add_argument("--seed", type=int, default=0, help="generate: random seed")
     args = p.parse_args(argv)
-    if args.num < 1:
-        p.error("--num must be at least 1")
+    if args.num < (0 if args.mode == "recon" else 1):
+        p.error(f"--num must be at least {0 if args.mode == 'recon' else 1}, got {args.num}")
     if args.temperature <= 0:
         p.error("--temperature must be positive")
-    out = args.out or {"recon": "recon.png", "generate": "samples.png"}.get(args.mode)
+    split = args.split or ("val" if args.mode == "recon" else "train")
+    if args.mode == "tokens" and split == "all":
+        p.error("--split all is for recon; tokens export train or val")
+    default_out = {"recon": "recon.png", "generate": "samples.png"}.get(args.mode)
+    out = args.out or (default_out and str(Path(args.workdir) / default_out))
     if out is None:
         p.error(f"--mode {args.mode} needs --out FOLDER")
+    if args.mode in ("tokens", "codebook") and Path(out).expanduser().exists():
+        p.error(f"--out {out} already exists; choose a new folder or remove it")  # before loading
     setup()
     with clean_errors("sample.py"):
         if args.mode in ("tokens", "codebook"):
-            export(args.workdir, args.mode, out, args.source, args.split, args.step)
+            export(args.workdir, args.mode, out, args.source, split, args.step)
         elif args.mode == "generate":
             generate(
                 args.workdir,
@@ -136,8 +217,17 @@ def main(argv=None) -> None:
                 args.step,
             )
         else:
-            r = reconstruct(args.workdir, out, args.source, args.num, args.step)
-            print(f"wrote {out}: {r['images']} images, MSE {r['mse']:.5f}, PSNR {r['psnr']:.2f} dB")
+            r = reconstruct(args.workdir, out, args.source, args.num, args.step, split)
+            print(
+                f"wrote {out}: {r['shown']} images, MSE {r['mse']:.5f}, PSNR {r['psnr']:.2f} dB "
+                f"over {r['of']}"
+            )
+            if r["images"] < TINY_SET:
+                print(
+                    f"note: only {r['images']} image(s) scored: figures over so few are noisy "
+                    "(--split all scores every image of a source)",
+                    file=sys.stderr,
+                )
 
 
 if __name__ == "__main__":

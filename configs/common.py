@@ -21,6 +21,7 @@ def base(model: VQVAEConfig | dict) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "sample_photos"
     c.data.val_fraction = 0.02  # folder sources: share of files held out (stable hash)
+    c.data.val_source = ""  # a separate held-out set, used in full (e.g. tfds:NAME:validation)
     c.data.data_dir = ""  # tfds data_dir ("" = tfds default)
     c.data.download = False  # tfds: download and prepare when missing
     c.data.workers = -1  # decoding processes per host; -1: every core for folders, 0: inline

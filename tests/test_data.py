@@ -289,3 +289,51 @@ def test_tfds_array_record_datasets_go_through_the_grain_pipeline(monkeypatch):
         val = src("tfds:cifar10", image_size=16, train=False)
         batch = next(local_examples(val, 8))
         assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.uint8
+
+
+@pytest.mark.parametrize("name", ["imagenet2012", "cifar10"])
+def test_tfds_unprepared_message_is_whole_and_names_a_manual_download(tmp_path, name):
+    pytest.importorskip("tensorflow_datasets")
+    with pytest.raises(DataError) as e:
+        make_source({"source": f"tfds:{name}", "data_dir": str(tmp_path)}, image_size=32)
+    msg = str(e.value)
+    assert "\n" not in msg and f"`tfds build {name} --data_dir {tmp_path}`" in msg
+    reason = msg[msg.index("(") + 1 : msg.index(")")]
+    assert reason.endswith(str(tmp_path)) or reason.endswith(" ..."), reason  # whole words
+    if name == "imagenet2012":  # tfds cannot fetch ImageNet: where its files go
+        assert "manual download" in msg and "ILSVRC2012_img_val.tar" in msg
+        assert f"{tmp_path}/downloads/manual/" in msg
+    else:
+        assert "manual" not in msg
+
+
+def test_val_source_is_the_held_out_set_in_full(tmp_path):
+    train_root = _write_folder(tmp_path / "train", per_class=6)
+    val_root = _write_folder(tmp_path / "val", per_class=3)
+    data = {"source": f"folder:{train_root}", "val_fraction": 0.5, "val_source": ""}
+    held = make_source(data, image_size=16, train=False)
+    assert 0 < len(held) < 12  # the held-out half of the training folder
+    data["val_source"] = f"folder:{val_root}"
+    held = make_source(data, image_size=16, train=False)
+    assert sorted(held.files) == sorted(str(p) for p in val_root.rglob("*.*"))  # all 6
+    alone = make_source({**data, "val_source": ""}, image_size=16, train=True)
+    assert make_source(data, image_size=16, train=True).files == alone.files  # training: same
+    with pytest.raises(DataError, match="cannot be used whole"):
+        make_source({**data, "val_source": "sample_photos"}, image_size=16, train=False)
+
+
+def test_a_tiny_held_out_set_is_warned_about_with_its_size(tmp_path, caplog):
+    from tests.conftest import config
+    from vqvae.trainer import Trainer
+
+    root = _write_folder(tmp_path / "imgs", per_class=20)
+    cfg = config(**{"data.source": f"folder:{root}", "data.val_fraction": 0.1})
+    with caplog.at_level(logging.WARNING):
+        n = len(Trainer(cfg, tmp_path / "w").eval_source)
+    warned = [r.getMessage() for r in caplog.records if "held-out set" in r.getMessage()]
+    assert len(warned) == 1 and f"only {n} example(s)" in warned[0] and n < 32, warned
+    caplog.clear()
+    cfg.data.val_source = f"folder:{root}"  # all 40 files: no longer tiny
+    with caplog.at_level(logging.WARNING):
+        assert len(Trainer(cfg, tmp_path / "w2").eval_source) == 40
+    assert not [r for r in caplog.records if "held-out set" in r.getMessage()]

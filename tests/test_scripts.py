@@ -59,7 +59,9 @@ def checkpoints(workdir):
 @pytest.mark.parametrize(
     "args,pattern",
     [
-        (["--config.modle.num_codes=3"], r"unknown config key 'modle' \(did you mean \"model\""),
+        (["--config.modle.num_codes=3"], r"key 'modle.num_codes' \(did you mean \"model\.q"),
+        (["--config.model.num_codes=1024"], r"did you mean \"model\.quantizer\.num_codes\"\?"),
+        (["extra"], r"unexpected argument\(s\): extra"),
         (["--config.stepz=3"], r"unknown config key 'stepz' \(did you mean \"steps\""),
         (["--config.num_devices=16"], r"num_devices=16, but only 8 device\(s\) are visible"),
         (["--config.keep_checkpoints=0"], r"keep_checkpoints must be an integer >= 1"),
@@ -252,3 +254,83 @@ def test_ctrl_c_during_start_up_exits_cleanly(trained10, tmp_path):
     assert "SIGINT during start-up: stopped before training; nothing new to save" in err
     assert "Traceback" not in err and "saved step" not in err
     assert checkpoints(tmp_path / "w") == [10]
+
+
+def test_help_exits_0_and_says_where_the_config_keys_are(tmp_path):
+    helped = run("train.py", "--help")
+    assert helped.returncode == 0, helped.stderr
+    assert "--config.KEY=VALUE" in helped.stdout and "--list-config" in helped.stdout
+    listed = run("train.py", *TINY, "--list-config", "--config.steps=7")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert "steps = 7" in lines and "model.quantizer.num_codes = 32" in lines
+    assert "data.val_source = ''" in lines
+
+
+def _main_exit(argv, capsys):
+    import sample
+
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    return e.value.code, capsys.readouterr()
+
+
+def test_sample_help_shows_defaults_and_examples_and_errors_are_one_line(tmp_path, capsys):
+    code, out = _main_exit(["--help"], capsys)
+    assert code == 0 and "examples:" in out.out and "(default: 16)" in out.out
+    for bad in (["--num", "-1"], ["--mode", "generate", "--num", "0"], ["--bogus"]):
+        code, out = _main_exit(["--workdir", str(tmp_path), *bad], capsys)
+        lines = out.err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("sample.py: error: "), out.err
+    existing = tmp_path / "tokens"
+    existing.mkdir()  # checked before any model is loaded (the workdir does not even exist)
+    code, out = _main_exit(
+        ["--workdir", str(tmp_path / "nope"), "--mode", "tokens", "--out", str(existing)], capsys
+    )
+    assert code == 2 and "already exists" in out.err and "nope" not in out.err
+
+
+def test_sample_scores_a_whole_folder_and_says_over_how_many(trained10, tmp_path, capsys):
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    import sample
+
+    rng = np.random.default_rng(0)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(100):  # 2% held out: a couple of images
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
+    work = shutil.copytree(trained10, tmp_path / "work")
+    sample.main(["--workdir", str(work), "--source", f"folder:{imgs}", "--num", "0"])
+    out = capsys.readouterr()
+    assert (work / "recon.png").is_file()  # the default --out is inside the workdir
+    held = re.search(r"over (\d+) of (\d+) held-out images of folder:", out.out)
+    assert held and held[1] == held[2] and int(held[1]) < 32, out.out
+    assert f"only {held[1]} image(s) scored" in out.err  # a tiny set is said to be one
+    sample.main(["--workdir", str(work), "--source", f"folder:{imgs}", "--split", "all",
+                 "--num", "0", "--out", str(tmp_path / "all.png")])  # fmt: skip
+    out = capsys.readouterr()
+    assert re.search(r"MSE 0\.\d+, PSNR [\d.]+ dB over 100 of 100 images of folder:", out.out)
+    assert "only" not in out.err
+
+
+def test_token_manifest_records_the_tokenizer_relative_to_itself(trained10, tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    import sample
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(tmp_path / f"imgs/{i}.png")
+    out = tmp_path / "export" / "tokens"
+    sample.main(["--workdir", str(trained10), "--mode", "tokens", "--split", "train",
+                 "--source", f"folder:{tmp_path / 'imgs'}", "--out", str(out)])  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not Path(manifest["tokenizer"]).is_absolute(), manifest["tokenizer"]
+    assert (out / manifest["tokenizer"]).resolve() == trained10.resolve()

@@ -13,6 +13,7 @@ interrupted export never leaves a folder that looks finished.
 """
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -127,7 +128,8 @@ def export_tokens(
             "source": source_spec,
             "split": split,
             "skipped_files": sorted(skipped),
-            "tokenizer": str(tokenizer.workdir or ""),
+            # relative to this folder, so the pair can move together (no machine path)
+            "tokenizer": os.path.relpath(tokenizer.workdir, out) if tokenizer.workdir else "",
             "codebook": write_codebook(tokenizer, tmp),
             "shards": shards,
             "seconds": round(time.time() - t0, 2),

@@ -369,7 +369,17 @@ def make_source(
     meta keeps one): ``source``, and optionally ``val_fraction``, ``data_dir``,
     ``download``. A tfds dataset prepared as array_record is a random-access source; one
     prepared as TFRecord is read by tf.data (``vqvae.tfds_stream``), a stream.
+    With ``train=False`` and a ``val_source`` (a separate validation set, ImageNet's val,
+    say), the held-out set is that source in full.
     """
+    if not train and data.get("val_source"):
+        val = data["val_source"]
+        if val.partition(":")[0] in ("sample_photos", "arrays"):
+            raise DataError(
+                f"{val} cannot be used whole (data.val_source, --split all): its held-out "
+                "part is fixed; use folder:PATH, tfds:NAME:SPLIT or tokens:PATH"
+            )
+        data, train = {**data, "source": val, "val_source": "", "val_fraction": 0.0}, True
     spec = data["source"]
     kind, _, rest = spec.partition(":")
     if kind == "sample_photos":

@@ -34,12 +34,43 @@ def open_tfds(data, image_size: int, channels: int, train: bool, seed: int):
     except DataError:
         raise
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(
-            f"tfds:{name}:{split} is not available offline ({first[:200]}). Prepare it "
-            f"once with internet: `tfds build {name}` (or set config.data.download=True), "
-            "or use --config.data.source=folder:/path/to/images or sample_photos"
-        ) from None
+        raise _unavailable(name, split, data.get("data_dir") or "", e) from None
+
+
+# datasets tfds cannot fetch itself, and the files it needs for them
+MANUAL_FILES = {"imagenet2012": "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar"}
+
+
+def _unavailable(name: str, split: str, data_dir: str, error: Exception) -> DataError:
+    """One line for a dataset that is not prepared: tfds's reason (shortened at a word),
+    and how to prepare it: `tfds build`, after a manual download where tfds needs one."""
+    import textwrap
+
+    import tensorflow_datasets as tfds
+
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    reason = textwrap.shorten(first.split(". ")[0], 160, placeholder=" ...")  # its own advice goes
+    root = data_dir or "~/tensorflow_datasets"
+    flag = f" --data_dir {data_dir}" if data_dir else ""
+    try:
+        manual = bool(getattr(tfds.builder_cls(name), "MANUAL_DOWNLOAD_INSTRUCTIONS", None))
+    except Exception:  # noqa: BLE001  (an unknown name: tfds's reason says so)
+        manual = False
+    if manual or name in MANUAL_FILES:
+        files = MANUAL_FILES.get(name, "the files its tfds catalog page lists")
+        how = (
+            f"{name} needs a manual download (tfds cannot fetch it): put {files} in "
+            f"{root}/downloads/manual/, then run `tfds build {name}{flag}`"
+        )
+    else:
+        how = (
+            f"Prepare it once with internet: `tfds build {name}{flag}` (or set "
+            "config.data.download=True)"
+        )
+    return DataError(
+        f"tfds:{name}:{split} is not prepared ({reason}). {how}; or use "
+        "--config.data.source=folder:/path/to/images or sample_photos"
+    )
 
 
 class TfdsStream:
