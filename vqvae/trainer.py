@@ -71,6 +71,9 @@ def _split(state: dict) -> tuple[dict, dict]:
     return model, {k: v for k, v in state.items() if k not in MODEL_KEYS}
 
 
+TINY_HELD_OUT = 32  # held-out sets smaller than this are warned about
+
+
 class Trainer:
     """Builds sharded state for a task, restores the newest intact checkpoint, runs the loop.
 
@@ -120,7 +123,18 @@ class Trainer:
 
     @functools.cached_property
     def eval_source(self):
-        return self.task.source(train=False)
+        """The held-out source (``data.val_source`` in full where set); a warning when it is
+        too small for its figures to mean much."""
+        source = self.task.source(train=False)
+        if len(source) < TINY_HELD_OUT:
+            d = self.config.data
+            log.warning(
+                "held-out set: only %d example(s) (%s); its figures are noisy: set "
+                "data.val_source or a larger data.val_fraction",
+                len(source),
+                d.get("val_source") or f"data.val_fraction={d.get('val_fraction')} of {d.source}",
+            )
+        return source
 
     def train_batches(self, start: int, saved: dict | None = None) -> data_lib.TrainBatches:
         """Global training batches from step ``start`` on (``saved``: a checkpoint's data
