@@ -158,7 +158,8 @@ class _Help(argparse.RawDescriptionHelpFormatter):
         return f"{action.help} (default: %(default)s)" if shown else action.help
 
 
-def main(argv=None) -> None:
+def make_parser() -> argparse.ArgumentParser:
+    """The command line (the README's commands are checked against it)."""
     p = _Parser(prog="sample.py", description=__doc__, formatter_class=_Help)
     p.add_argument("--workdir", required=True, help="training workdir with checkpoints/")
     p.add_argument(
@@ -187,6 +188,11 @@ def main(argv=None) -> None:
     p.add_argument("--top-k", type=int, default=0, help="generate: keep the k best (0: all)")
     p.add_argument("--label", type=int, default=-1, help="generate: class (-1: none)")
     p.add_argument("--seed", type=int, default=0, help="generate: random seed")
+    return p
+
+
+def main(argv=None) -> None:
+    p = make_parser()
     args = p.parse_args(argv)
     if args.num < (0 if args.mode == "recon" else 1):
         p.error(f"--num must be at least {0 if args.mode == 'recon' else 1}, got {args.num}")
