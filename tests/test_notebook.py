@@ -22,9 +22,17 @@ def run_notebook(name: str, monkeypatch, **env) -> list:
         resources={"metadata": {"path": str(ROOT / "notebooks")}},
     )
     client.execute()
+    nbformat.validate(nb)  # what it would save is a valid notebook too
     outputs = [o for c in nb.cells for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     return outputs
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+def test_committed_notebooks_are_valid(path):
+    """nbformat's schema (nbconvert and Jupyter refuse or warn on anything else)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbformat.validate(nbformat.read(path, as_version=4))
 
 
 def images(outputs) -> list:
