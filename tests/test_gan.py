@@ -12,7 +12,7 @@ import pytest
 from vqvae import adversarial
 from vqvae.lpips import LPIPS, SCALE, SHIFT, convert, load_weights
 
-from .conftest import config
+from .conftest import config, photos
 
 
 def gan_config(**overrides):
@@ -182,3 +182,80 @@ def test_a_killed_gan_run_resumes_with_both_models_exact(tmp_path):
         sums.append(meta["checksums"])
     assert any("['disc']" in k for k in sums[0]["train"])  # the discriminator is in it
     assert sums[0] == sums[1]  # every array of both models, optimizers included, bit for bit
+
+
+def test_lecam_averages_update_with_the_batch_before_the_penalty_and_start_unbiased():
+    rng = np.random.default_rng(2)
+    real, fake = rng.normal(size=(4, 3, 3, 1)) + 1, rng.normal(size=(4, 3, 3, 1)) - 1
+    means = np.array([real.mean(), fake.mean()])
+    ema = jnp.asarray([0.3, -0.2])
+    relu = lambda t: np.maximum(t, 0)  # noqa: E731
+    for decay in (0.0, 0.9):
+        loss, new = adversarial.discriminator_objective(real, fake, ema, decay, "hinge", 0.5)
+        expected = decay * np.asarray(ema) + (1 - decay) * means  # this batch first
+        np.testing.assert_allclose(new, expected, rtol=1e-6)
+        penalty = (relu(real - expected[1]) ** 2).mean() + (relu(expected[0] - fake) ** 2).mean()
+        hinge = 0.5 * (relu(1 - real).mean() + relu(1 + fake).mean())
+        np.testing.assert_allclose(loss, hinge + 0.5 * penalty, rtol=1e-5)
+    # the averages carry no gradient into the discriminator
+    g = jax.grad(lambda r: adversarial.discriminator_objective(r, fake, ema, 0.9, "hinge", 1.0)[0])
+    grad = g(jnp.asarray(real))
+    ref = jax.grad(
+        lambda r: (
+            adversarial.discriminator_loss(r, fake, "hinge")
+            + adversarial.lecam_penalty(r, fake, expected[0], expected[1])
+        )
+    )(jnp.asarray(real))
+    np.testing.assert_allclose(grad, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_lecam_averages_track_the_logits_exactly_until_the_discriminator_starts(tmp_path):
+    from vqvae.sharding import batch_sharding
+    from vqvae.trainer import Trainer
+
+    images = photos(48, train=True)
+    c = gan_config()
+    c.gan.start_step, c.gan.lecam_weight, c.gan.lecam_decay = 1, 0.1, 0.9
+    trainer = Trainer(c, tmp_path)
+    trainer.task.stats = {"data_variance": 0.05}
+    state, step = trainer.init_state(), trainer.compile_step()
+    lecam, logits, on = [], [], []
+    with jax.set_mesh(trainer.mesh):
+        for s in range(3):
+            b = {"image": images[16 * s : 16 * (s + 1)], "label": np.zeros(16, np.int32)}
+            state, m = step(state, jax.device_put(b, batch_sharding(trainer.mesh)), trainer.consts)
+            lecam.append(np.asarray(state["disc"]["lecam"]))
+            logits.append(np.array([m["logits_real"], m["logits_fake"]]))
+            on.append(float(m["gan_on"]))
+    assert on == [0.0, 1.0, 1.0]
+    np.testing.assert_allclose(lecam[0], logits[0], rtol=1e-6)  # before the start: exact
+    np.testing.assert_allclose(lecam[1], 0.9 * logits[0] + 0.1 * logits[1], rtol=1e-5)
+    np.testing.assert_allclose(lecam[2], 0.9 * lecam[1] + 0.1 * logits[2], rtol=1e-5)
+
+
+def test_l1_pixel_loss_is_used_without_a_discriminator_or_lpips(tmp_path):
+    """loss.pixel='l1' with no GAN and no LPIPS term: the step's loss is the L1 distance."""
+    from flax import nnx
+
+    from vqvae.model import to_model_range
+    from vqvae.trainer import Trainer
+
+    from .test_trainer import _steps
+
+    images = photos(16, train=True)
+    batch = {"image": images, "label": np.zeros(16, np.int32)}
+    losses = {}
+    for pixel in ("mse", "l1"):
+        c = config()
+        c.loss.pixel = pixel
+        trainer = Trainer(c, tmp_path / pixel)
+        state0 = jax.device_get(trainer.init_state())
+        _, metrics = _steps(trainer, 1, [batch])
+        model = nnx.merge(trainer.graphdef, state0["params"], state0["rest"], copy=True)
+        x = to_model_range(images)
+        recon = np.asarray(model(x, train=True).reconstruction)
+        err = recon - np.asarray(x)
+        expected = np.abs(err).mean() if pixel == "l1" else np.square(err).mean() / 0.05
+        np.testing.assert_allclose(metrics[0]["recon_loss"], expected, rtol=1e-4)
+        losses[pixel] = float(metrics[0]["loss"])
+    assert losses["l1"] != pytest.approx(losses["mse"], rel=1e-3)

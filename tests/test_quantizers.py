@@ -103,6 +103,17 @@ def test_lfq_signs_ids_and_straight_through_gradient():
     np.testing.assert_allclose(lfq.lookup(out.indices), out.quantized)
 
 
+def test_lfq_maps_an_exact_zero_to_minus_one_so_the_forward_equals_lookup():
+    lfq = LFQ(4, 4, rngs=nnx.Rngs(0))
+    h = jnp.asarray([[0.3, 0.0, -0.2, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    out = lfq(h)
+    np.testing.assert_array_equal(out.quantized, [[1, -1, -1, 1], [-1, -1, -1, -1]])
+    np.testing.assert_array_equal(out.indices, [9, 0])
+    np.testing.assert_array_equal(lfq.lookup(out.indices), out.quantized)
+    g = jax.grad(lambda h: jnp.sum(lfq(h).quantized * 2.0))(h)
+    np.testing.assert_allclose(g, 2.0)  # straight through at 0 too
+
+
 # --- residual VQ ----------------------------------------------------------------------------
 def test_residual_levels_sum_to_the_output_and_decode_from_fewer():
     rvq = ResidualVQ(6, 16, 3, rngs=nnx.Rngs(0))
@@ -138,6 +149,32 @@ def test_quantizer_dropout_trains_only_the_first_levels_it_draws():
             assert changed == (k < n), (k, n)  # unused levels keep their EMA state
     assert seen == {1, 2, 3}
     assert int(rvq(z).metrics["levels_used"]) == 3  # evaluation uses every level
+
+
+def test_residual_vq_refuses_cosine_codes_in_one_line():
+    with pytest.raises(ValueError, match="residual VQ does not support cosine codes"):
+        QuantizerConfig(kind="rvq", residual_levels=3, normalize=True).build(8, nnx.Rngs(0))
+
+
+def test_dropped_levels_are_left_out_of_the_health_figures():
+    from vqvae.quantizers import code_counts, codebook_health
+
+    rvq = ResidualVQ(4, 8, 3, dropout=1.0, rngs=nnx.Rngs(0))
+    z = jax.random.normal(jax.random.key(1), (256, 4)) * 2
+    seen = set()
+    for _ in range(12):
+        out = rvq(z, train=True)
+        n = int(out.metrics["levels_used"])
+        seen.add(n)
+        for name in ("perplexity", "codes_used", "usage_fraction", "max_code_share"):
+            per_level = [  # each level on its own; a level the batch did not use reads 0
+                float(codebook_health(code_counts(out.indices[..., k], 8))[name]) if k < n else 0
+                for k in range(3)
+            ]
+            got = [float(out.metrics[f"{name}_level{k}"]) for k in range(3)]
+            np.testing.assert_allclose(got, per_level, rtol=1e-6)
+            np.testing.assert_allclose(out.metrics[name], np.mean(per_level[:n]), rtol=1e-6)
+    assert seen == {1, 2, 3}
 
 
 # --- every kind -----------------------------------------------------------------------------
@@ -244,6 +281,22 @@ def test_every_kind_tokenizes_exports_and_feeds_the_prior(trained_kinds, kind, t
     assert result["bits_per_dim"] == pytest.approx(
         result["bits_per_token"] * 16 * levels / (16 * 16 * 3), rel=1e-5
     )
+
+
+def test_codebook_figures_are_means_over_levels_with_each_level_besides(trained_kinds):
+    """Every kind reports perplexity, codes used and dead codes the same way: the mean over
+    its levels, and each level's figure where it has several."""
+    for kind, workdir in trained_kinds.items():
+        lines = (workdir / "metrics.jsonl").read_text().splitlines()
+        ev = [r for r in map(json.loads, lines) if r["split"] == "eval"][-1]
+        vocab = KINDS[kind].vocab_size
+        for name in ("perplexity", "codes_used", "dead_codes"):
+            assert 0 <= ev[name] <= vocab, (kind, name, ev[name])
+            if kind == "rvq":
+                levels = [ev[f"{name}_level{level}"] for level in range(2)]
+                assert ev[name] == pytest.approx(np.mean(levels), rel=1e-6), (kind, name)
+            else:
+                assert f"{name}_level0" not in ev
 
 
 def test_a_checkpoint_in_the_older_layout_loads_and_resumes(trained_kinds, tmp_path):

@@ -111,9 +111,31 @@ def adaptive_weight(
     return jax.lax.stop_gradient(jnp.clip(weight, 0.0, max_weight))
 
 
+def lecam_update(ema: jax.Array, means: jax.Array, decay) -> jax.Array:
+    """The moving averages (2,) of the discriminator's mean real and fake logits, updated
+    with this batch's ``means`` (2,). The caller passes ``decay`` 0 until the discriminator
+    starts (and at the first step), so the averages track the logits exactly until then and
+    carry no bias from their zero start (lecam-gan's ``ema_losses``)."""
+    return decay * ema + (1.0 - decay) * means
+
+
 def lecam_penalty(real: jax.Array, fake: jax.Array, ema_real, ema_fake) -> jax.Array:
     """LeCam regularisation: mean relu(real - ema_fake)^2 + mean relu(ema_real - fake)^2,
-    with exponential moving averages of the discriminator's mean logits."""
+    with exponential moving averages of the discriminator's mean logits (already updated
+    with this batch, as lecam-gan does before taking the penalty)."""
     return jnp.mean(jnp.square(jax.nn.relu(real - ema_fake))) + jnp.mean(
         jnp.square(jax.nn.relu(ema_real - fake))
     )
+
+
+def discriminator_objective(
+    real: jax.Array, fake: jax.Array, ema: jax.Array, decay, kind: str, lecam_weight: float
+) -> tuple[jax.Array, jax.Array]:
+    """The discriminator's loss on its logits, with LeCam's penalty where weighted: ->
+    (loss, the moving averages updated with this batch, which the penalty uses)."""
+    means = jax.lax.stop_gradient(jnp.stack([jnp.mean(real), jnp.mean(fake)]))
+    ema = lecam_update(ema, means, decay)
+    loss = discriminator_loss(real, fake, kind)
+    if lecam_weight > 0:
+        loss = loss + lecam_weight * lecam_penalty(real, fake, ema[0], ema[1])
+    return loss, ema

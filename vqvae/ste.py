@@ -54,6 +54,10 @@ def straight_through(fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Arra
 
 ste_quantize = straight_through(jnp.sign)
 ste_quantize.__doc__ = "Binary quantizer: forward ``sign(x)`` (so 0 maps to 0), gradient identity."
+ste_binary = straight_through(lambda x: jnp.where(x > 0, 1, -1).astype(x.dtype))
+ste_binary.__doc__ = (
+    "Two-level quantizer: forward +1 where x > 0, else -1 (0 too), gradient identity."
+)
 
 ste_round = straight_through(jnp.round)
 ste_round.__doc__ = "Rounding to the nearest integer in the forward pass, gradient identity."

@@ -17,6 +17,7 @@ from vqvae.quantizers.base import (
     QuantizerOutput,
     health,
     level_counts,
+    level_means,
 )
 from vqvae.quantizers.config import KINDS, QuantizerConfig
 from vqvae.quantizers.fsq import FSQ
@@ -40,5 +41,6 @@ __all__ = [
     "health",
     "kmeans",
     "level_counts",
+    "level_means",
     "nearest_codes",
 ]

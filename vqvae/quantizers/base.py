@@ -49,15 +49,31 @@ def level_counts(
     return counts.reshape(num_levels, vocab_size)
 
 
-def health(counts: jax.Array) -> dict[str, jax.Array]:
-    """Codebook health from per-level counts (L, K): the mean over levels of perplexity,
-    codes used, their fraction and the largest code's share; each level's perplexity
-    besides (``perplexity_level{l}``) where there are several."""
+def health(counts: jax.Array, active: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Codebook health from per-level counts (L, K), defined alike for every kind.
+
+    Each figure (perplexity, codes used, their fraction, the largest code's share) is
+    taken per level; the unsuffixed figure is the mean over the
+    levels, and where there are several levels each one's is reported too, as
+    ``{figure}_level{l}``. ``active`` (L,) bool marks the levels this batch used (quantizer
+    dropout): the mean counts only those, and a dropped level's own figures read 0.
+    """
+    num_levels = counts.shape[0]
     per_level = jax.vmap(codebook_health)(counts)
-    out = {k: jnp.mean(v.astype(jnp.float32)) for k, v in per_level.items()}
-    if counts.shape[0] > 1:
-        for level in range(counts.shape[0]):
-            out[f"perplexity_level{level}"] = per_level["perplexity"][level]
+    return level_means(per_level, active if active is not None else jnp.ones(num_levels, bool))
+
+
+def level_means(per_level: dict[str, jax.Array], active: jax.Array) -> dict[str, jax.Array]:
+    """Per-level figures {name: (L,)} -> their mean over the ``active`` (L,) levels, plus
+    ``{name}_level{l}`` for each level where there are several (0 where not active)."""
+    weight = active.astype(jnp.float32)
+    out = {}
+    for name, values in per_level.items():
+        values = jnp.where(active, values.astype(jnp.float32), 0.0)
+        out[name] = jnp.sum(values) / jnp.maximum(jnp.sum(weight), 1.0)
+        if values.shape[0] > 1:
+            for level in range(values.shape[0]):
+                out[f"{name}_level{level}"] = values[level]
     return out
 
 

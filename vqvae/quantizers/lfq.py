@@ -2,8 +2,9 @@
 sign, so a token is the binary number of the signs and the codebook is implicit (2^d codes
 of +-1 entries).
 
-The forward value is ``sign(z)`` by the straight-through estimator
-(``vqvae.ste.ste_quantize``). Two entropy terms keep the codes sharp and all in use: with
+The forward value is +1 where z > 0 and -1 elsewhere (an exact 0 too, so the forward
+always equals ``lookup(indices)``), by the straight-through estimator
+(``vqvae.ste.ste_binary``). Two entropy terms keep the codes sharp and all in use: with
 code probabilities q(c | z) = softmax over codes of -|z - c|^2 / temperature, the loss is
 ``entropy_weight * (mean over vectors of H(q(. | z)) - diversity_weight * H(mean over the
 batch of q(. | z)))`` plus a commitment term. Over codes of +-1 entries the softmax
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vqvae.quantizers.base import Quantizer, QuantizerOutput, health, level_counts
-from vqvae.ste import ste_quantize
+from vqvae.ste import ste_binary
 
 EXACT_BATCH_ENTROPY_BITS = 12  # up to 4,096 codes the batch entropy sums over every code
 
@@ -103,7 +104,7 @@ class LFQ(Quantizer):
         self.check_input(z)
         z = z.astype(jnp.float32)
         h = self.project_in(z) if self.project_in is not None else z  # (..., d)
-        codes = ste_quantize(h)  # sign forward, identity gradient
+        codes = ste_binary(h)  # +-1 forward (0 -> -1, a codebook entry), identity gradient
         indices = lfq_codes_to_indices(jax.lax.stop_gradient(codes))
         commitment = self.beta * jnp.mean(jnp.square(h - jax.lax.stop_gradient(codes)))
         per_vector, batch = lfq_entropies(h.reshape(-1, self.bits), self.temperature)

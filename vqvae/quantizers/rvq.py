@@ -36,6 +36,10 @@ class ResidualVQ(Quantizer):
             raise ValueError(f"residual_levels must be at least 1, got {levels}")
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"quantizer dropout must be in [0, 1], got {dropout}")
+        if vq_options.get("normalize", False):
+            # each level's unit-norm code is added whatever its residual's size, so extra
+            # levels do not shrink the error
+            raise ValueError("residual VQ does not support cosine codes (normalize=True)")
         if vq_options.get("estimator", "ste") != "ste":
             raise ValueError("residual VQ uses the straight-through estimator on the sum of levels")
         self.code_dim, self.vocab_size, self.num_levels = code_dim, num_codes, levels
@@ -76,7 +80,10 @@ class ResidualVQ(Quantizer):
             "commitment_loss": loss,
             "levels_used": n_active.astype(jnp.float32),
             "residual_norm": jnp.mean(jnp.sum(jnp.square(z - total), axis=-1)),
-            **health(level_counts(indices, self.num_levels, self.vocab_size)),
+            **health(
+                level_counts(indices, self.num_levels, self.vocab_size),
+                active=jnp.arange(self.num_levels) < n_active,  # dropped levels not counted
+            ),
         }
         if train:
             metrics["codes_restarted"] = restarted

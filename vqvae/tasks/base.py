@@ -18,18 +18,33 @@ from flax import nnx
 from vqvae.sources import make_source
 
 MODEL_KEYS = ("params", "rest")  # the inference model; everything else is training state
+# the console's evaluation line: (metric, label, format), in this order, where present
+SUMMARY = (
+    ("psnr", "PSNR (dB)", ".2f"),
+    ("normalized_mse", "normalised MSE", ".4f"),
+    ("codes_used", "codes used", ".0f"),
+    ("perplexity", "perplexity", ".1f"),
+    ("dead_codes", "dead codes", ".0f"),
+    ("sharpness", "sharpness", ".3f"),
+)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
-    """Adam or AdamW with linear warm-up and cosine decay, optional gradient clipping."""
+def make_schedule(optim: ml_collections.ConfigDict, total_steps: int):
+    """The learning rate after n updates: linear warm-up, then cosine decay to
+    ``final_lr_fraction`` of ``lr`` (the trainer logs it too)."""
     warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         0.0 if warmup else optim.lr,
         optim.lr,
         warmup,
         max(total_steps, warmup + 1),
         end_value=optim.lr * optim.final_lr_fraction,
     )
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
+    """Adam or AdamW with linear warm-up and cosine decay, optional gradient clipping."""
+    schedule = make_schedule(optim, total_steps)
     if optim.name == "adam":
         opt = optax.adam(schedule, b1=optim.b1, b2=optim.b2)
     elif optim.name == "adamw":
@@ -57,13 +72,18 @@ def make_train_step(graphdef, tx, loss_fn):
             return value, (nnx.state(model, nnx.Not(nnx.Param)), metrics)
 
         grads, (rest, metrics) = jax.grad(loss, has_aux=True)(state["params"])
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        params, opt = apply_update(tx, grads, state["params"], state["opt"])
         metrics["grad_norm"] = optax.tree.norm(grads)
         new = {**state, "params": params, "rest": rest, "opt": opt, "step": state["step"] + 1}
         return new, metrics
 
     return train_step
+
+
+def apply_update(tx: optax.GradientTransformation, grads, params, opt_state):
+    """One optimizer update: -> (new params, new optimizer state)."""
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
 
 
 class Task:
@@ -75,6 +95,9 @@ class Task:
     """
 
     kind = ""
+    # the held-out figure (lower is better) whose best checkpoint the loop keeps in
+    # WORKDIR/best with ``keep_best`` (and stops on with ``early_stop_rise``); None: none
+    best_metric: str | None = None
 
     def __init__(self, config: ml_collections.ConfigDict, arrays=None):
         self.config, self.arrays = config, arrays
@@ -154,6 +177,12 @@ class Task:
     def host_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Figures derived on the host from the scalar metrics (PSNR of the MSE, say)."""
         return metrics
+
+    def eval_summary(self, metrics: dict[str, float]) -> str:
+        """The evaluation's console line: the figures that matter, and over how many."""
+        shown = [f"{label} {metrics[k]:{fmt}}" for k, label, fmt in SUMMARY if k in metrics]
+        rest = ", ".join(shown) or ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        return f"{rest}, over {int(metrics.get('examples', 0)):,} held-out examples"
 
     # --- checkpoints ----------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:

@@ -18,9 +18,9 @@ from vqvae import adversarial
 from vqvae.data import local_examples
 from vqvae.logs import psnr
 from vqvae.lpips import LPIPS, load_weights
-from vqvae.model import VQVAEConfig, to_model_range, to_uint8, vqvae_loss
-from vqvae.quantizers import health, level_counts
-from vqvae.tasks.base import Task, make_optimizer
+from vqvae.model import VQVAEConfig, to_model_range, to_uint8
+from vqvae.quantizers import health, level_counts, level_means
+from vqvae.tasks.base import Task, apply_update, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -84,42 +84,32 @@ class TokenizerTask(Task):
         return state
 
     def constants(self):
-        return {"lpips": nnx.state(self.lpips)} if self.lpips is not None else {}
-
-    def _pixel_loss(self, recon: jax.Array, x: jax.Array) -> jax.Array:
-        """MSE over the data's variance (the VQ-VAE paper's), or L1 (taming's)."""
-        if self.config.loss.get("pixel", "mse") == "l1":
-            return jnp.mean(jnp.abs(recon - x))
-        normalize = self.config.loss.normalize_by_variance
-        variance = self.stats["data_variance"] if normalize else 1.0
-        return jnp.mean(jnp.square(recon - x)) / variance
-
-    def loss(self, model, batch):
-        x = to_model_range(batch["image"])  # (B, H, W, C)
-        normalize = self.config.loss.normalize_by_variance
-        variance = self.stats["data_variance"] if normalize else 1.0
-        return vqvae_loss(model, x, train=True, data_variance=variance)
+        """The data's variance (the normalised MSE's denominator) and LPIPS's weights: data
+        the step reads, passed in rather than closed over."""
+        consts = {"data_variance": jnp.float32(self.stats["data_variance"])}
+        if self.lpips is not None:
+            consts["lpips"] = nnx.state(self.lpips)
+        return consts
 
     def train_step(self, graphdef):
-        if self.gan is None and self.lpips is None:
-            return super().train_step(graphdef)
-        return self._vqgan_step(graphdef)
-
-    def _vqgan_step(self, graphdef):
-        """(state, batch, consts) -> (state, metrics): the generator's step on pixel,
-        perceptual, quantizer and (past ``gan.start_step``) adversarial losses, then the
-        discriminator's on real images and the reconstructions."""
-        gan, tx = self.gan, self.tx
-        perceptual_weight = self.config.loss.get("perceptual_weight", 0.0)
+        """(state, batch, consts) -> (state, metrics): the one step for every setting. The
+        generator's loss sums the pixel term (MSE over the data's variance, or L1), LPIPS
+        where configured, the quantizer's loss and, with a discriminator, past
+        ``gan.start_step``, the adversarial term under the adaptive weight; the
+        discriminator then takes its own step on real images and the reconstructions."""
+        gan, tx, cfg = self.gan, self.tx, self.config.loss
+        pixel, normalize = cfg.get("pixel", "mse"), cfg.normalize_by_variance
+        perceptual_weight = cfg.get("perceptual_weight", 0.0)
         lpips_graphdef = nnx.graphdef(self.lpips) if self.lpips is not None else None
 
         def step(state, batch, consts):
             x = to_model_range(batch["image"])
+            variance = consts["data_variance"] if normalize else 1.0
             lpips = nnx.merge(lpips_graphdef, consts["lpips"]) if lpips_graphdef else None
             on = (state["step"] >= gan.start_step).astype(jnp.float32) if gan else 0.0
 
             def rec_loss(recon):  # every loss that compares to the input
-                loss = self._pixel_loss(recon, x)
+                loss = pixel_loss(recon, x, pixel, variance)
                 if lpips is not None:
                     loss = loss + perceptual_weight * jnp.mean(lpips(x, recon))
                 return loss
@@ -134,69 +124,75 @@ class TokenizerTask(Task):
                 metrics = {"mse": jnp.mean(jnp.square(recon - x)), "recon_loss": rec, **q.metrics}
                 total = rec + q.loss
                 if gan is not None:
-
-                    def adv(r):  # merged in each trace: spectral norm writes its kernel
-                        disc = nnx.merge(self.disc_graphdef, *_frozen(state["disc"]), copy=True)
-                        return adversarial.generator_loss(disc(r), gan.loss)
-
-                    g = adv(recon)
-                    layer, layer_state = nnx.split(last)
-
-                    def with_kernel(w):  # the last layer as a function of its kernel
-                        s = jax.tree_util.tree_map_with_path(
-                            lambda path, v: (
-                                w if jax.tree_util.keystr(path).startswith("['kernel']") else v
-                            ),
-                            layer_state,
-                        )
-                        return nnx.merge(layer, s)(h).astype(jnp.float32)
-
-                    kernel = last.kernel.get_value()
-                    weight = adversarial.adaptive_weight(
-                        rec_loss, adv, recon, with_kernel, kernel, gan.max_adaptive_weight
-                    )
+                    g, weight = self._adversarial(state["disc"], rec_loss, recon, h, last)
                     total = total + on * gan.weight * weight * g
                     metrics |= {"generator_loss": g, "adaptive_weight": weight}
                 metrics["loss"] = total
                 return total, (nnx.state(model, nnx.Not(nnx.Param)), metrics, recon)
 
             grads, (rest, metrics, recon) = jax.grad(gen_loss, has_aux=True)(state["params"])
-            updates, opt = tx.update(grads, state["opt"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
+            params, opt = apply_update(tx, grads, state["params"], state["opt"])
             metrics["grad_norm"] = optax.tree.norm(grads)
             new = {**state, "params": params, "rest": rest, "opt": opt, "step": state["step"] + 1}
             if gan is not None:
-                new["disc"], disc_metrics = self._disc_step(state["disc"], x, recon, on)
+                new["disc"], disc_metrics = self._disc_step(state["disc"], x, recon, state["step"])
                 metrics |= disc_metrics
             return new, metrics
 
         return step
 
-    def _disc_step(self, disc_state, x, recon, on):
-        """One discriminator step on real images and (fixed) reconstructions."""
+    def _adversarial(self, disc_state, rec_loss, recon, h, last):
+        """The generator's adversarial loss on ``recon`` and its adaptive weight, taken at
+        the decoder's last layer (``last``, whose input is ``h``)."""
         gan = self.gan
-        ema = disc_state["lecam"]
+
+        def adv(r):  # merged in each trace: spectral norm writes its kernel
+            disc = nnx.merge(self.disc_graphdef, *_frozen(disc_state), copy=True)
+            return adversarial.generator_loss(disc(r), gan.loss)
+
+        layer, layer_state = nnx.split(last)
+
+        def with_kernel(w):  # the last layer as a function of its kernel
+            s = jax.tree_util.tree_map_with_path(
+                lambda path, v: w if jax.tree_util.keystr(path).startswith("['kernel']") else v,
+                layer_state,
+            )
+            return nnx.merge(layer, s)(h).astype(jnp.float32)
+
+        kernel = last.kernel.get_value()
+        weight = adversarial.adaptive_weight(
+            rec_loss, adv, recon, with_kernel, kernel, gan.max_adaptive_weight
+        )
+        return adv(recon), weight
+
+    def _disc_step(self, disc_state, x, recon, step):
+        """One discriminator step on real images and (fixed) reconstructions; off (no
+        update) before ``gan.start_step``. LeCam's moving averages of the mean logits are
+        updated with this batch first, tracking it exactly until the discriminator starts
+        (as the reference implementation does), and the penalty uses them."""
+        gan = self.gan
+        on = (step >= gan.start_step).astype(jnp.float32)
+        decay = jnp.where((step < gan.start_step) | (step == 0), 0.0, gan.lecam_decay)
 
         def loss(params):
             disc = nnx.merge(self.disc_graphdef, params, disc_state["rest"], copy=True)
             real = disc(x, train=True)
             fake = disc(jax.lax.stop_gradient(recon), train=True)
-            d = adversarial.discriminator_loss(real, fake, gan.loss)
-            if gan.lecam_weight > 0:
-                d = d + gan.lecam_weight * adversarial.lecam_penalty(real, fake, ema[0], ema[1])
-            aux = (nnx.state(disc, nnx.Not(nnx.Param)), jnp.mean(real), jnp.mean(fake), d)
-            return on * d, aux
+            d, ema = adversarial.discriminator_objective(
+                real, fake, disc_state["lecam"], decay, gan.loss, gan.lecam_weight
+            )
+            return on * d, (
+                nnx.state(disc, nnx.Not(nnx.Param)),
+                jnp.mean(real),
+                jnp.mean(fake),
+                ema,
+                d,
+            )
 
-        grads, (rest, real, fake, d) = jax.grad(loss, has_aux=True)(disc_state["params"])
-        updates, opt = self.disc_tx.update(grads, disc_state["opt"], disc_state["params"])
-        means = jnp.stack([real, fake])
-        lecam = jnp.where(on > 0, gan.lecam_decay * ema + (1 - gan.lecam_decay) * means, ema)
-        new = {
-            "params": optax.apply_updates(disc_state["params"], updates),
-            "rest": rest,
-            "opt": opt,
-            "lecam": lecam,
-        }
+        grads, aux = jax.grad(loss, has_aux=True)(disc_state["params"])
+        rest, real, fake, ema, d = aux
+        params, opt = apply_update(self.disc_tx, grads, disc_state["params"], disc_state["opt"])
+        new = {"params": params, "rest": rest, "opt": opt, "lecam": ema}
         metrics = {"disc_loss": d, "logits_real": real, "logits_fake": fake, "gan_on": on}
         return new, metrics
 
@@ -261,14 +257,15 @@ class TokenizerTask(Task):
         quantizer = nnx.merge(self.graphdef(), state["params"], state["rest"]).quantizer
         usage = quantizer.usage()  # running usage (L, K), where the kind keeps one
         if usage is None:  # implicit codebooks: codes this evaluation never used
-            dead = jnp.sum(sums["counts"] == 0)
+            dead = sums["counts"] == 0
         else:
-            dead = jnp.sum(usage < self.config.dead_code_report_threshold)
+            dead = usage < self.config.dead_code_report_threshold
+        active = jnp.ones(dead.shape[0], bool)
         return {
             "mse": mse,
             "normalized_mse": mse / self.stats["data_variance"],  # the VQ-VAE paper's figure
             **health(sums["counts"]),
-            "dead_codes": dead.astype(jnp.float32),
+            **level_means({"dead_codes": jnp.sum(dead, axis=-1)}, active),  # like the others
             # high-frequency energy kept: 1 as sharp as the input, under 1 blurred
             "sharpness": sums["detail_recon"] / jnp.maximum(sums["detail_input"], 1e-12),
             "examples": sums["examples"],
@@ -286,6 +283,13 @@ class TokenizerTask(Task):
 
     def meta(self):
         return {**super().meta(), "data_variance": self.stats["data_variance"]}
+
+
+def pixel_loss(recon: jax.Array, x: jax.Array, kind: str, variance=1.0) -> jax.Array:
+    """The pixel term: MSE over the data's variance (the VQ-VAE paper's), or L1 (taming's)."""
+    if kind == "l1":
+        return jnp.mean(jnp.abs(recon - x))
+    return jnp.mean(jnp.square(recon - x)) / variance
 
 
 def _frozen(disc_state: dict) -> tuple:
