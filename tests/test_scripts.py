@@ -334,3 +334,19 @@ def test_token_manifest_records_the_tokenizer_relative_to_itself(trained10, tmp_
     manifest = json.loads((out / "manifest.json").read_text())
     assert not Path(manifest["tokenizer"]).is_absolute(), manifest["tokenizer"]
     assert (out / manifest["tokenizer"]).resolve() == trained10.resolve()
+
+
+def test_a_failed_start_up_leaves_no_workdir_behind(tmp_path):
+    new = tmp_path / "new"
+    bad = "--config.data.source=folder:/no/such/dir"
+    one_line_error(run("train.py", *TINY, f"--workdir={new}", bad), "train.py", "does not exist")
+    assert not new.exists()  # not a folder holding only .lock
+    from tests.conftest import config
+    from vqvae.data import DataError
+    from vqvae.trainer import Trainer
+
+    empty = tmp_path / "empty"
+    empty.mkdir()  # a folder the user made stays, empty
+    with pytest.raises(DataError):
+        Trainer(config(**{"data.source": "folder:/no/such/dir"}), empty).train()
+    assert empty.is_dir() and not list(empty.iterdir())

@@ -74,6 +74,15 @@ def _split(state: dict) -> tuple[dict, dict]:
 TINY_HELD_OUT = 32  # held-out sets smaller than this are warned about
 
 
+def _remove_if_untouched(workdir: Path, created: bool) -> None:
+    """A workdir holding nothing but this run's lock file (its start-up failed or was
+    stopped): the lock file goes, and the folder too where this run created it."""
+    if {p.name for p in workdir.iterdir()} <= {".lock"}:
+        (workdir / ".lock").unlink(missing_ok=True)
+        if created:
+            workdir.rmdir()
+
+
 class Trainer:
     """Builds sharded state for a task, restores the newest intact checkpoint, runs the loop.
 
@@ -233,10 +242,16 @@ class Trainer:
         with self.stop.installed():
             if self._starting_stopped():
                 return {}
+            fresh = not self.workdir.exists() or not any(self.workdir.iterdir())
+            created = not self.workdir.exists()
             self.workdir.mkdir(parents=True, exist_ok=True)
             lock = WorkdirLock(self.workdir) if jax.process_index() == 0 else None
-            with lock or contextlib.nullcontext():
-                return self._run()
+            try:
+                with lock or contextlib.nullcontext():
+                    return self._run()
+            finally:
+                if fresh and lock is not None:  # a start-up that failed leaves nothing behind
+                    _remove_if_untouched(self.workdir, created)
 
     def _run(self) -> dict:
         cfg = self.config
