@@ -120,3 +120,84 @@ def test_top_k_keeps_exactly_k_ids_when_scores_tie():
     keys = jax.random.split(jax.random.key(0), 400)
     picked = {int(_pick(logits, k, 1.0, top_k=2)[0]) for k in keys}
     assert picked == {0, 1}  # the best, and the lowest of the tied ids
+
+
+def _prior_config(trained10, **kw):
+    c = config(batch_size=16, log_every=0, eval_batches=2, **kw)
+    c.task = "prior"
+    c.model = ml_collections.ConfigDict(dict(num_classes=0, width=16, depth=1, heads=2))
+    c.model.mlp_ratio = 2
+    c.tokenizer = str(trained10)
+    return c
+
+
+def test_best_checkpoint_is_kept_and_a_rising_held_out_loss_stops_the_run(
+    trained10, tmp_path, caplog
+):
+    import logging
+
+    from vqvae.prior import TokenPrior
+
+    caplog.set_level(logging.INFO, logger="vqvae.trainer")
+    script = {2: 5.0, 4: 4.0, 6: 4.1, 8: 4.3, 10: 4.2, 12: 4.2}  # held-out bits per token
+
+    class Scripted(Trainer):  # the real evaluation, its bits per token replaced by the script
+        def evaluate(self, state):
+            return {**super().evaluate(state), "bits_per_token": script[int(state["step"])]}
+
+    c = _prior_config(trained10, steps=12, eval_every=2, checkpoint_every=3)
+    c.keep_best, c.early_stop_rise = True, 0.05
+    work = tmp_path / "prior"
+    Scripted(c, work).train()
+    said = [r.getMessage() for r in caplog.records]
+    assert any(
+        m.startswith("eval at step 2: 5.000 bits per token (uniform 5.00)")
+        and "over 32 held-out images" in m
+        for m in said
+    )
+    assert any(
+        m.startswith("held-out bits_per_token rose to 4.3, 7% above its best 4") for m in said
+    )
+    assert Checkpoints(work).latest_step() == 8  # the step it stopped at is saved (not a save step)
+    best = TokenPrior.load(work / "best")
+    assert best.meta["best"] == {"metric": "bits_per_token", "step": 4, "value": 4.0}
+
+    caplog.clear()  # rerun: it would stop again, so it says so and does nothing
+    assert Scripted(c, work).train() == {}
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("stopped early at step 8 of 12") and "nothing to do" in m for m in said)
+
+    c.early_stop_rise = 0.1  # a looser limit goes on from step 8, with the best it had
+    caplog.clear()
+    Scripted(c, work).train()
+    assert Checkpoints(work).latest_step() == 12
+    said = [r.getMessage() for r in caplog.records]
+    assert "eval at step 12" in " ".join(said) and "the best: 4 at step 4" in said[-1]
+    assert TokenPrior.load(work / "best").meta["best"]["step"] == 4
+
+
+def test_token_prior_loads_samples_generates_and_scores(trained10, tmp_path):
+    from vqvae.checkpoint import CheckpointError
+    from vqvae.prior import TokenPrior
+
+    c = _prior_config(trained10, steps=4, eval_every=0, checkpoint_every=4)
+    Trainer(c, tmp_path / "prior").train()
+    prior = TokenPrior.load(tmp_path / "prior")
+    same = TokenPrior.load(tmp_path / "prior" / "checkpoints" / "4")
+    tokens = prior.sample(5, seed=1)
+    assert tokens.shape == (5, 4, 4) and tokens.dtype == np.int32
+    assert tokens.min() >= 0 and tokens.max() < 32
+    np.testing.assert_array_equal(tokens, same.sample(5, seed=1))  # seeded
+    assert not np.array_equal(tokens, prior.sample(5, seed=2))
+    np.testing.assert_array_equal(prior.sample(3, top_k=1)[0], prior.sample(3, top_k=1)[1])
+    images = prior.generate(3, temperature=0.8)
+    assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
+    bits = prior.bits_per_token(tokens)
+    nats, _ = prior_loss(prior.model, jnp.asarray(tokens), jnp.full((5,), -1))
+    assert bits.shape == (5,) and bits.mean() == pytest.approx(float(nats) / math.log(2), 1e-5)
+    with pytest.raises(ValueError, match=r"token grids must be \(B, 4, 4\)"):
+        prior.bits_per_token(tokens[:, :2])
+    with pytest.raises(CheckpointError, match="holds a vqvae checkpoint, not a prior one"):
+        TokenPrior.load(trained10)
+    with pytest.raises(CheckpointError, match="no prior at"):
+        TokenPrior.load(tmp_path / "nowhere")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 
 import jax
@@ -172,3 +173,33 @@ def test_a_signal_arriving_mid_step_still_saves_before_stopping(tmp_path):
 
     SignalDuringEval(config(eval_every=5, checkpoint_every=100), tmp_path).train()
     assert Checkpoints(tmp_path).latest_step() == 6  # saved at the next step, then stopped
+
+
+def test_console_says_evaluations_saves_and_the_learning_rate(tmp_path, caplog, capsys):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="vqvae.trainer")
+    c = config(steps=10, log_every=5, checkpoint_every=5, eval_every=10)
+    c.optim.warmup_steps = 5  # lr after n updates: 1e-3 * n / 5, then 1e-3
+    Trainer(c, tmp_path).train()
+    said = [r.getMessage() for r in caplog.records]
+    saves = [m for m in said if m.startswith("saving checkpoint")]
+    assert saves == [f"saving checkpoint {s} in {tmp_path.resolve()}/checkpoints" for s in (5, 10)]
+    evals = [m for m in said if m.startswith("eval at step")]
+    assert len(evals) == 1  # one line, with the figures and over how many images
+    assert re.fullmatch(
+        r"eval at step 10: PSNR \(dB\) \d+\.\d\d, normalised MSE \d\.\d{4}, codes used \d+, "
+        r"perplexity [\d.]+, dead codes \d+, sharpness [\d.]+, over 32 held-out examples",
+        evals[0],
+    )
+    progress = [x for x in capsys.readouterr().err.splitlines() if "step 5/10" in x]
+    assert len(progress) == 1 and " lr 0.0008 " in progress[0]
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r["lr"] for r in records if r["split"] == "train"}
+    assert train == pytest.approx({5: 8e-4, 10: 1e-3})
+
+    caplog.clear()  # a finished run, rerun: one line, and nothing else happens
+    assert Trainer(c, tmp_path).train() == {}
+    said = [r.getMessage() for r in caplog.records]
+    assert "already at step 10 of 10: nothing to do" in said
+    assert not [m for m in said if m.startswith(("saving", "eval", "data:"))]

@@ -159,13 +159,13 @@ class MetricsLog:
 
 
 class Progress:
-    """One line: step, loss, images/s and ETA; redrawn in place on a terminal."""
+    """One line: step, loss, learning rate, images/s and ETA; redrawn in place on a terminal."""
 
     def __init__(self, total: int, start: int, batch_size: int, enabled: bool = True):
         self.total, self.start, self.batch_size = total, start, batch_size
         self.t0, self.tty, self.enabled = time.time(), sys.stderr.isatty(), enabled
 
-    def update(self, step: int, loss: float) -> str:
+    def update(self, step: int, loss: float, lr: float | None = None) -> str:
         done = step - self.start
         elapsed = max(time.time() - self.t0, 1e-9)
         rate = done * self.batch_size / elapsed
@@ -173,7 +173,8 @@ class Progress:
         bar = "#" * int(20 * step / self.total)
         line = (
             f"[{bar:<20}] step {step}/{self.total} loss {loss:.4f} "
-            f"{rate:,.0f} img/s ETA {int(eta // 60)}m{int(eta % 60):02d}s"
+            + (f"lr {lr:.3g} " if lr is not None else "")
+            + f"{rate:,.0f} img/s ETA {int(eta // 60)}m{int(eta % 60):02d}s"
         )
         if self.enabled:
             print(("\r" if self.tty else "") + line, end="" if self.tty else "\n", file=sys.stderr)

@@ -241,3 +241,95 @@ def sample(
         return tokens.at[:, t].set(_pick(logits, jax.random.fold_in(key, t), temperature, top_k))
 
     return jax.lax.fori_loop(0, n, full, tokens)
+
+
+class TokenPrior:
+    """A trained prior from a checkpoint, with its tokenizer: token grids and images.
+
+        prior = TokenPrior.load("workdir/prior/best")  # or workdir/prior (newest checkpoint)
+        tokens = prior.sample(16)                     # int32 (16, h, w) ((16, h, w, L))
+        images = prior.generate(16, temperature=0.9)  # uint8 (16, H, W, C), decoded
+        prior.bits_per_token(tokens)                  # cross-entropy of grids, in bits
+
+    ``model`` is the ``Prior`` module itself (for ``sample`` with other settings);
+    ``tokenizer`` the ``Tokenizer`` it was trained on, loaded when first used.
+    """
+
+    def __init__(self, model: Prior, meta: dict, workdir: Any = None):
+        self.model, self.meta, self.workdir = model, meta, workdir
+        self.config = PriorConfig.from_dict(meta["model"])
+        graphdef, self._state = nnx.split(model)
+
+        def draw(state, key, labels, temperature, top_k):
+            prior = nnx.merge(graphdef, state)
+            return sample(prior, key, labels, temperature=temperature, top_k=top_k)
+
+        def bits(state, tokens, labels):
+            logits = nnx.merge(graphdef, state)(tokens, labels)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
+            return ce.mean(axis=1) / math.log(2)
+
+        self._draw = jax.jit(draw, static_argnames=("temperature", "top_k"))
+        self._bits = jax.jit(bits)
+        self._tokenizer = None
+
+    @classmethod
+    def load(cls, path, step: int | None = None) -> "TokenPrior":
+        """From a prior's training workdir (newest intact checkpoint), its ``best`` folder
+        (the best held-out checkpoint) or a ``checkpoints/STEP`` folder."""
+        from pathlib import Path
+
+        from vqvae.checkpoint import CheckpointError, load_model
+
+        path = Path(path).expanduser()
+        workdir, found = path, None
+        if path.name.isdigit() and path.parent.name == "checkpoints":
+            workdir, found = path.parent.parent, int(path.name)
+        if not workdir.is_dir():
+            raise CheckpointError(f"no prior at {path}: {workdir} does not exist")
+        model, meta = load_model(workdir, step if step is not None else found, kind="prior")
+        return cls(model, meta, workdir.resolve())
+
+    @property
+    def tokenizer(self):
+        """The tokenizer whose tokens the prior was trained on (its checkpoint's path)."""
+        if self._tokenizer is None:
+            from vqvae.tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.load(self.meta["tokenizer"])
+        return self._tokenizer
+
+    def _labels(self, num: int, label) -> jax.Array:
+        labels = np.broadcast_to(np.asarray(label, np.int32), (num,))
+        self.model.check_labels(labels)
+        return jnp.asarray(labels)
+
+    def sample(
+        self, num: int, *, label=-1, temperature: float = 1.0, top_k: int = 0, seed: int = 0
+    ) -> np.ndarray:
+        """``num`` token grids int32 (num, h, w) (or (num, h, w, levels)); ``label`` one
+        class or one per grid (-1: unconditional). The same seed gives the same grids."""
+        if num < 1:
+            raise ValueError(f"num must be at least 1, got {num}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        key = jax.random.key(seed)
+        tokens = self._draw(self._state, key, self._labels(num, label), temperature, top_k)
+        return np.asarray(tokens).reshape(num, *self.config.token_shape)
+
+    def generate(self, num: int, **kw) -> np.ndarray:
+        """``num`` sampled grids decoded by the tokenizer: uint8 images (num, H, W, C)."""
+        return self.tokenizer.decode(self.sample(num, **kw))
+
+    def bits_per_token(self, tokens, label=-1) -> np.ndarray:
+        """Each grid's cross-entropy under the prior, in bits per token: (B,) float32."""
+        tokens = np.asarray(tokens)
+        if tokens.shape[1:] != self.config.token_shape:
+            raise ValueError(
+                f"token grids must be (B, {', '.join(map(str, self.config.token_shape))}), "
+                f"got shape {tokens.shape}"
+            )
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        flat = jnp.asarray(tokens.reshape(len(tokens), -1), jnp.int32)
+        return np.asarray(self._bits(self._state, flat, self._labels(len(tokens), label)))

@@ -10,8 +10,10 @@ host, and process 0 alone writes the logs, the evaluation grid and the lock.
 
 import contextlib
 import functools
+import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import jax
@@ -33,6 +35,7 @@ from vqvae.sharding import (
     state_shardings,
 )
 from vqvae.tasks import MODEL_KEYS, Task, make_task
+from vqvae.tasks.base import make_schedule
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,7 @@ class Trainer:
         self.stop = stop or StopRequest()
         self.task = task or make_task(config, arrays)
         self.model_config = self.task.model_config
+        self.lr_at = make_schedule(config.optim, config.steps)  # for the log: lr after n updates
         self.mesh = make_mesh(config.get("num_devices") or None)
         check_batch_size(config.batch_size, self.mesh)
         if config.eval_every:
@@ -267,6 +271,10 @@ class Trainer:
         )
         state, meta, restored = self.restore_or_init()
         start = int(state["step"])
+        self._best = self._best_so_far(restored)
+        if self._nothing_to_do(start):
+            self.state = state
+            return {}
         batches = self._resume_batches(start, meta, restored)
         try:
             with jax.set_mesh(self.mesh):  # compiled now: a signal meanwhile is still start-up
@@ -319,11 +327,12 @@ class Trainer:
                                 f"The last good checkpoint (step {last_saved}) is kept in "
                                 f"{self.workdir}"
                             )
+                        host["lr"] = float(self.lr_at(step - 1))  # the rate this step used
                         host["data_wait_s"] = batches.wait_seconds - waited
                         host["unreadable_files"] = float(len(batches.unreadable))
                         waited = batches.wait_seconds
                         metrics_log.write(step, "train", host)
-                        progress.update(step, host["loss"])
+                        progress.update(step, host["loss"], lr=host["lr"])
                     if save:  # before evaluating: an evaluation that fails loses nothing
                         position = {"data_position": batches.position()}
                         model, train = _split(state)
@@ -335,11 +344,27 @@ class Trainer:
                             data_iterator=batches.grain_iterator,
                         )
                         last_saved = step
+                        log.info("saving checkpoint %d in %s", step, self.ckpt.directory)
                         if jax.process_count() > 1:
                             watchdog.start()  # once the first save's one-time compiles are done
                     if cfg.eval_every and (step % cfg.eval_every == 0 or last):
                         eval_metrics = self.evaluate(state)
                         metrics_log.write(step, "eval", eval_metrics)
+                        stop_early = self._after_eval(step, state, eval_metrics)
+                        if stop_early and last_saved != step:
+                            position = {"data_position": batches.position()}
+                            model, train = _split(state)
+                            self.ckpt.save(
+                                step,
+                                model,
+                                train,
+                                {**meta, **position},
+                                data_iterator=batches.grain_iterator,
+                            )
+                            last_saved = step
+                            log.info("saving checkpoint %d in %s", step, self.ckpt.directory)
+                        if stop_early:
+                            break
                         metrics_log.views(step, self.eval_views)
                     watchdog.beat()
                     if stop is not None:
@@ -356,6 +381,8 @@ class Trainer:
             watchdog.stop()
             progress.close()
             self.ckpt.wait()
+            if "best_ckpt" in self.__dict__:
+                self.best_ckpt.wait()
             metrics_log.close()
         self._report_unreadable(batches)
         self.state = state
@@ -370,6 +397,107 @@ class Trainer:
                 len(met),
                 self.train_source.name(met[0]),
             )
+
+    # --- what an evaluation decides: the console line, the best checkpoint, early stop ----
+    @functools.cached_property
+    def best_ckpt(self) -> Checkpoints:
+        """``WORKDIR/best``: the checkpoint of the best held-out ``task.best_metric`` so far
+        (a workdir of its own: ``load_model``, ``sample.py`` and ``load`` read it as one)."""
+        return Checkpoints(self.workdir / "best", max_to_keep=1)
+
+    def _keeps_best(self) -> bool:
+        return bool(self.task.best_metric) and bool(self.config.get("keep_best", False))
+
+    def _best_so_far(self, restored: int | None) -> dict | None:
+        """The best evaluation kept in ``WORKDIR/best`` ({"step", "value", ...}) if it is
+        part of the history resumed (its step is not after the checkpoint restored);
+        otherwise ``WORKDIR/best`` is cleared and the best is tracked anew."""
+        folder = self.workdir / "best"
+        if not self._keeps_best() or not folder.is_dir():
+            return None
+        steps = self.best_ckpt.steps()
+        record = self.best_ckpt.meta(steps[0]).get("best") if steps else None
+        if record and restored is not None and record["step"] <= restored:
+            return record
+        if jax.process_index() == 0:  # from a history this run does not continue
+            shutil.rmtree(folder)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("best_cleared")
+        self.__dict__.pop("best_ckpt", None)
+        return None
+
+    def _early_stop_rise(self, value: float, best: dict | None) -> float:
+        """How far ``value`` is above the best, as a fraction of the best (0 without one)."""
+        if best is None or not math.isfinite(value):
+            return 0.0
+        return (value - best["value"]) / max(abs(best["value"]), 1e-12)
+
+    def _nothing_to_do(self, start: int) -> bool:
+        """A finished run, or one that stopped early and would stop again: said in one line."""
+        cfg = self.config
+        if start >= cfg.steps:
+            log.info("already at step %d of %d: nothing to do", start, cfg.steps)
+            return True
+        stopped = self.workdir / "best" / "stopped.json"
+        limit = cfg.get("early_stop_rise", 0.0)
+        if not (self._keeps_best() and limit and self._best and stopped.is_file()):
+            return False
+        record = json.loads(stopped.read_text())
+        if record["step"] != start or record["rise"] <= limit:
+            return False
+        log.info(
+            "stopped early at step %d of %d (held-out %s %.4g, %.0f%% above the best %.4g at "
+            "step %d): nothing to do; the best checkpoint is in %s",
+            start,
+            cfg.steps,
+            record["metric"],
+            record["value"],
+            100 * record["rise"],
+            self._best["value"],
+            self._best["step"],
+            self.workdir / "best",
+        )
+        return True
+
+    def _after_eval(self, step: int, state: dict, metrics: dict[str, float]) -> bool:
+        """Say the evaluation in one line; keep the best checkpoint; True: stop early (the
+        held-out figure rose more than ``early_stop_rise`` above its best)."""
+        name = self.task.best_metric
+        line = f"eval at step {step}: {self.task.eval_summary(metrics)}"
+        if not self._keeps_best() or name not in metrics:
+            log.info(line)
+            return False
+        value, best = metrics[name], self._best
+        if best is None or value < best["value"]:
+            self._best = {"metric": name, "step": step, "value": value}
+            model, _ = _split(state)
+            meta = {**self.task.meta(), "best": self._best, "eval": metrics}
+            self.best_ckpt.save(step, model, {"step": state["step"]}, meta)
+            log.info("%s; the best so far: saving it in %s", line, self.workdir / "best")
+            return False
+        rise, limit = self._early_stop_rise(value, best), self.config.get("early_stop_rise", 0.0)
+        log.info("%s; the best: %.4g at step %d", line, best["value"], best["step"])
+        if not limit or rise <= limit:
+            return False
+        if jax.process_index() == 0:
+            record = {"metric": name, "step": step, "value": value, "rise": rise}
+            (self.workdir / "best" / "stopped.json").write_text(json.dumps(record))
+        log.warning(
+            "held-out %s rose to %.4g, %.0f%% above its best %.4g (step %d; early_stop_rise "
+            "%g): stopped at step %d of %d. The best checkpoint is in %s",
+            name,
+            value,
+            100 * rise,
+            best["value"],
+            best["step"],
+            limit,
+            step,
+            self.config.steps,
+            self.workdir / "best",
+        )
+        return True
 
     # --- evaluation -----------------------------------------------------------------------
     def _check_eval_source(self) -> None:

@@ -20,6 +20,7 @@ from vqvae.tokenizer import Tokenizer
 
 class PriorTask(Task):
     kind = "prior"
+    best_metric = "bits_per_token"
 
     def make_model_config(self) -> PriorConfig:
         self.tokenizer = tok = Tokenizer.load(self.config.tokenizer)
@@ -87,6 +88,14 @@ class PriorTask(Task):
             "uniform_bits_per_token": jnp.float32(math.log2(m.vocab_size)),
             "examples": sums["examples"],
         }
+
+    def eval_summary(self, metrics):
+        what = "token grids" if self.config.data.source.startswith("tokens:") else "images"
+        return (
+            f"{metrics['bits_per_token']:.3f} bits per token (uniform "
+            f"{metrics['uniform_bits_per_token']:.2f}), {metrics['bits_per_dim']:.4f} bits per "
+            f"dim, over {int(metrics['examples']):,} held-out {what}"
+        )
 
     def meta(self):
         return {**super().meta(), "tokenizer": str(self.tokenizer.workdir)}
