@@ -23,6 +23,12 @@ import numpy as np
 
 from vqvae.runtime import clean_errors, setup
 
+# grain's unread prefetched batches are freed at exit by the resource tracker, which warns
+# about "leaked shared_memory objects" (google/grain#398); nothing stays leaked: keep it quiet
+SHM_WARNING = "ignore:resource_tracker:UserWarning"
+if SHM_WARNING not in sys.warnoptions:
+    sys.warnoptions.append(SHM_WARNING)  # read by the tracker process, started later
+
 GRID_MAX = 64  # images shown in a reconstruction grid (the figures may be over more)
 SPLITS = {"val": "held-out ", "train": "training ", "all": ""}  # "over 16 of N ... images"
 TINY_SET = 32  # figures over fewer images than this are noisy: said so

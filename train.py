@@ -22,6 +22,14 @@ from ml_collections import config_flags
 
 from vqvae.runtime import StopRequest, clean_errors, parse_flags, setup
 
+# grain leaves its workers' unread prefetched batches in shared memory when a pipeline
+# closes; at exit the resource tracker frees them and warns "There appear to be N leaked
+# shared_memory objects to clean up at shutdown" (google/grain#398). Nothing stays leaked,
+# so the tracker process (started later, with these options) is told to keep quiet.
+SHM_WARNING = "ignore:resource_tracker:UserWarning"
+if SHM_WARNING not in sys.warnoptions:
+    sys.warnoptions.append(SHM_WARNING)
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and images.")
 _COORDINATOR = flags.DEFINE_string(

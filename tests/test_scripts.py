@@ -350,3 +350,20 @@ def test_a_failed_start_up_leaves_no_workdir_behind(tmp_path):
     with pytest.raises(DataError):
         Trainer(config(**{"data.source": "folder:/no/such/dir"}), empty).train()
     assert empty.is_dir() and not list(empty.iterdir())
+
+
+def test_a_folder_run_warns_of_a_tiny_held_out_set_and_ends_without_grains_shm_noise(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(100):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
+    args = [f"--config.data.source=folder:{imgs}", "--config.data.workers=1"]
+    proc = run("train.py", *TINY, f"--workdir={tmp_path / 'w'}", *args, "--config.steps=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "leaked shared_memory" not in proc.stderr  # grain's workers, closed or not
+    (warned,) = [x for x in proc.stderr.splitlines() if "held-out set: only" in x]
+    assert re.search(r"only \d example\(s\) \(data\.val_fraction=0\.02 of folder:", warned)
