@@ -49,7 +49,7 @@ def test_tensorboard_gets_the_learning_rate_the_grid_and_code_usage(tmp_path):
     Trainer(cfg, tmp_path).train()
     got = events(tmp_path / "tensorboard")
     tags = {tag for _, tag, _ in got}
-    assert {"train/loss", "eval/mse", "eval/grid", "codes/usage"} <= tags, tags
+    assert {"train/loss", "train/lr", "eval/mse", "eval/grid", "codes/usage"} <= tags, tags
     (grid,) = [v.image for step, tag, v in got if tag == "eval/grid" and step == 4]
     assert grid.height == np.asarray(Image.open(tmp_path / "eval_grid.png")).shape[0]
     (hist,) = [v.histo for step, tag, v in got if tag == "codes/usage" and step == 4]

@@ -350,6 +350,7 @@ class Trainer:
                     if cfg.eval_every and (step % cfg.eval_every == 0 or last):
                         eval_metrics = self.evaluate(state)
                         metrics_log.write(step, "eval", eval_metrics)
+                        metrics_log.views(step, self.eval_views)
                         stop_early = self._after_eval(step, state, eval_metrics)
                         if stop_early and last_saved != step:
                             position = {"data_position": batches.position()}
@@ -365,7 +366,6 @@ class Trainer:
                             log.info("saving checkpoint %d in %s", step, self.ckpt.directory)
                         if stop_early:
                             break
-                        metrics_log.views(step, self.eval_views)
                     watchdog.beat()
                     if stop is not None:
                         log.warning("%s: saved step %d; rerun to resume", self.stop.name, step)
