@@ -52,7 +52,7 @@ def test_report_command(trained10):
     )
     assert len(hw) == 8
     for name in ("encode", "decode"):
-        assert float(hw[f"{name}_xla_memory_mb_batch8"]) > 0
+        assert float(hw[f"{name}_xla_memory_mb_batch8"].replace(",", "")) > 0
         assert (
             hw[f"{name}_device_peak_mb_batch8"]
             == "n/a: the cpu device reports no memory statistics"
@@ -88,3 +88,15 @@ def test_planned_memory_is_weights_inputs_and_temporaries_and_grows_with_batch()
         )
         assert m.argument_size_in_bytes > x.nbytes  # the encoder's weights are in it
     assert sizes[64] > 4 * sizes[8] > 0
+
+
+def test_report_figures_share_one_format():
+    import numpy as np
+
+    from vqvae.report import _fmt
+
+    assert _fmt(14336.0) == "14,336" and _fmt(np.float32(14336)) == "14,336"  # bits_per_image
+    assert _fmt(662_723) == "662,723" and _fmt(np.int64(3)) == "3"
+    assert _fmt(1234.5678) == "1,235" and _fmt(2.6534) == "2.653" and _fmt(0.05123) == "0.05123"
+    assert _fmt("n/a: no NVML") == "n/a: no NVML"
+    assert "e" not in "".join(_fmt(v) for v in (1e4 + 0.25, 99999.5, 1e9, 0.001))

@@ -14,6 +14,7 @@ A figure a device cannot give reads "n/a: <why>".
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -205,11 +206,18 @@ def main(argv=None) -> None:
 
 
 def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:,.4g}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
+    """One style for every figure: thousands separated, no exponents above 0.001; whole
+    numbers without decimals, others to 4 significant digits."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return str(v)
+    if isinstance(v, int) or (math.isfinite(v) and v == int(v) and abs(v) < 1e15):
+        return f"{int(v):,}"
+    if not math.isfinite(v) or abs(v) < 1e-3:
+        return f"{v:.3e}"
+    decimals = max(0, 3 - math.floor(math.log10(abs(v))))
+    return f"{v:,.{decimals}f}"
 
 
 if __name__ == "__main__":
