@@ -78,3 +78,21 @@ def test_every_sample_command_of_the_readme_parses(args):
     parsed = sample.make_parser().parse_args(args)
     out = parsed.out or ""
     assert out.startswith("workdir/"), f"{out}: the README's outputs go under workdir/"
+
+
+def test_make_train_installs_only_what_the_run_needs_and_shows_progress(tmp_path):
+    """`make train` on a fresh clone: the photos extra alone, pip not silenced; `make test`
+    (what CI runs) still installs the dev extra."""
+    venv = f"VENV={tmp_path / 'venv'}"
+
+    def dry(target):
+        out = subprocess.run(["make", "-n", "-C", str(ROOT), target, venv], capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return [line for line in out.stdout.splitlines() if "pip install" in line]
+
+    train = dry("train")
+    assert any("-e '.[photos]'" in line for line in train), train
+    assert not any("[dev]" in line or "[tfds]" in line or " -q" in line for line in train), train
+    test = dry("test")
+    assert any("-e '.[dev]'" in line for line in test), test
