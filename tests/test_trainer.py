@@ -203,3 +203,30 @@ def test_console_says_evaluations_saves_and_the_learning_rate(tmp_path, caplog, 
     said = [r.getMessage() for r in caplog.records]
     assert "already at step 10 of 10: nothing to do" in said
     assert not [m for m in said if m.startswith(("saving", "eval", "data:"))]
+
+
+def test_a_log_line_on_a_terminal_starts_below_the_progress_line(monkeypatch):
+    import io
+    import logging
+    import sys
+
+    from vqvae.logs import Progress
+
+    err = io.StringIO()
+    err.isatty = lambda: True
+    monkeypatch.setattr(sys, "stderr", err)
+    handler = logging.StreamHandler(err)
+    logging.getLogger().addHandler(handler)
+    try:
+        progress = Progress(10, 0, 4)
+        progress.update(5, 1.0, lr=1e-3)
+        logging.getLogger("vqvae.trainer").warning("saving checkpoint 5")
+        progress.update(6, 0.9, lr=1e-3)
+        progress.close()
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = err.getvalue().split("\n")
+    assert lines[0].startswith("\r[") and "step 5/10" in lines[0] and " lr 0.001 " in lines[0]
+    assert lines[1] == "saving checkpoint 5"  # not glued to the end of the progress line
+    assert lines[2].startswith("\r[") and "step 6/10" in lines[2] and lines[3:] == [""]
+    assert not handler.filters  # the progress line's filter is gone with it

@@ -4,6 +4,7 @@ Only process 0 writes these (the trainer creates them there alone).
 """
 
 import json
+import logging
 import os
 import sys
 import time
@@ -159,11 +160,25 @@ class MetricsLog:
 
 
 class Progress:
-    """One line: step, loss, learning rate, images/s and ETA; redrawn in place on a terminal."""
+    """One line: step, loss, learning rate, images/s and ETA; redrawn in place on a terminal.
+
+    On a terminal, a log record that comes while the line is drawn starts on a line of its
+    own (a filter on the root logger's handlers ends the progress line first).
+    """
 
     def __init__(self, total: int, start: int, batch_size: int, enabled: bool = True):
         self.total, self.start, self.batch_size = total, start, batch_size
         self.t0, self.tty, self.enabled = time.time(), sys.stderr.isatty(), enabled
+        self.pending = False  # a progress line is drawn without its newline
+        self._handlers = list(logging.getLogger().handlers) if self.tty and enabled else []
+        for h in self._handlers:
+            h.addFilter(self._end_line)
+
+    def _end_line(self, record: logging.LogRecord) -> bool:
+        if self.pending:
+            print(file=sys.stderr, flush=True)
+            self.pending = False
+        return True
 
     def update(self, step: int, loss: float, lr: float | None = None) -> str:
         done = step - self.start
@@ -177,9 +192,12 @@ class Progress:
             + f"{rate:,.0f} img/s ETA {int(eta // 60)}m{int(eta % 60):02d}s"
         )
         if self.enabled:
-            print(("\r" if self.tty else "") + line, end="" if self.tty else "\n", file=sys.stderr)
+            end = "" if self.tty else "\n"
+            print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+            self.pending = self.tty
         return line
 
     def close(self) -> None:
-        if self.tty and self.enabled:
-            print(file=sys.stderr)
+        for h in self._handlers:
+            h.removeFilter(self._end_line)
+        self._end_line(None)
