@@ -201,3 +201,16 @@ def test_token_prior_loads_samples_generates_and_scores(trained10, tmp_path):
         TokenPrior.load(trained10)
     with pytest.raises(CheckpointError, match="no prior at"):
         TokenPrior.load(tmp_path / "nowhere")
+
+
+def test_the_default_prior_keeps_its_best_and_holds_out_enough_of_an_export():
+    from configs import default, prior_default
+    from vqvae.sources import make_source
+
+    c = prior_default.get_config()
+    assert c.keep_best and c.early_stop_rise > 0
+    assert c.eval_every and c.eval_every % c.checkpoint_every == 0  # a stop lands on a save
+    size = default.get_config().model.image_size
+    tiles = len(make_source({"source": "sample_photos"}, image_size=size, train=True))
+    assert tiles * c.data.val_fraction >= 100  # the export's held-out grids: about 100, not 20
+    assert c.eval_batches == 0  # every one of them evaluated
