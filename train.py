@@ -11,16 +11,31 @@ Ctrl-C saves a checkpoint and exits. ``config.task`` says what is trained: the t
 (or under Slurm / Open MPI, or with ``--config.distributed=True``, without the flags).
 """
 
-import difflib
-import importlib.util
-import logging
 import os
+import signal
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
 
-from vqvae.runtime import StopRequest, clean_errors, parse_flags, setup
+def _stopped_early(signum, _frame):
+    """SIGINT or SIGTERM before the run has started (the imports take a second or two):
+    nothing is written yet, so say so in one line and leave at once. Exiting from here
+    rather than raising keeps an import that is half done from printing a traceback."""
+    name = signal.Signals(signum).name
+    os.write(2, f"train.py: interrupted by {name} during start-up: nothing written\n".encode())
+    os._exit(128 + signum)
+
+
+for _sig in (signal.SIGINT, signal.SIGTERM):  # first, before the heavy imports
+    signal.signal(_sig, _stopped_early)
+
+import difflib  # noqa: E402  (the handlers above go first)
+import importlib.util  # noqa: E402
+import logging  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from vqvae.runtime import StopRequest, clean_errors, parse_flags, setup  # noqa: E402
 
 # grain leaves its workers' unread prefetched batches in shared memory when a pipeline
 # closes; at exit the resource tracker frees them and warns "There appear to be N leaked
@@ -156,6 +171,8 @@ def main(argv):
         from vqvae.trainer import Trainer  # the task is config.task's
 
         result = Trainer(config, _WORKDIR.value, stop=stop).train()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the run is over and saved: no longer early
+        signal.signal(sig, signal.SIG_DFL)
     if result:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items())
         logging.info("final evaluation: %s", shown)
