@@ -1,6 +1,7 @@
 """The token prior: it learns, cached sampling equals uncached, and it trains end to end."""
 
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,13 @@ def test_best_checkpoint_is_kept_and_a_rising_held_out_loss_stops_the_run(
     said = [r.getMessage() for r in caplog.records]
     assert "eval at step 12" in " ".join(said) and "the best: 4 at step 4" in said[-1]
     assert TokenPrior.load(work / "best").meta["best"]["step"] == 4
+
+    shutil.rmtree(work / "best" / "checkpoints" / "4" / "meta")  # a damaged best: said, not fatal
+    caplog.clear()
+    assert Scripted(c, work).train() == {}
+    said = [r.getMessage() for r in caplog.records]
+    assert any("is damaged" in m and m.endswith("tracking the best anew") for m in said)
+    assert "already at step 12 of 12: nothing to do" in said
 
 
 def test_token_prior_loads_samples_generates_and_scores(trained10, tmp_path):

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from vqvae import data as data_lib
-from vqvae.checkpoint import Checkpoints, DamagedCheckpoint
+from vqvae.checkpoint import CheckpointError, Checkpoints, DamagedCheckpoint
 from vqvae.distributed import Watchdog, abandon, peer_lost
 from vqvae.lock import WorkdirLock
 from vqvae.logs import MetricsLog, Progress, image_grid
@@ -415,8 +415,12 @@ class Trainer:
         folder = self.workdir / "best"
         if not self._keeps_best() or not folder.is_dir():
             return None
-        steps = self.best_ckpt.steps()
-        record = self.best_ckpt.meta(steps[0]).get("best") if steps else None
+        try:
+            steps = self.best_ckpt.steps()
+            record = self.best_ckpt.meta(steps[0]).get("best") if steps else None
+        except CheckpointError as e:  # unreadable: tracked anew, said once
+            log.warning("%s; tracking the best anew", e)
+            record = None
         if record and restored is not None and record["step"] <= restored:
             return record
         if jax.process_index() == 0:  # from a history this run does not continue
