@@ -9,11 +9,11 @@ Tokens are encoded on the fly from ``data.source`` by the tokenizer in ``tokeniz
 ``--config.data.source=tokens:PATH`` they are read from an export instead. The vocabulary
 size and grid shape come from the tokenizer.
 
-Sized to the default data: an export of ``sample_photos`` holds about 1,000 grids (8x8 of
-256 codes). A bigger prior or more steps learns them by heart: held-out bits per token pass
-their best within a few hundred steps and climb, and samples come out as copies of training
-grids. So the model is small, the run short, the best held-out checkpoint is kept in
-``WORKDIR/best`` and the run stops when held-out bits per token rise 5% above their best.
+Sized to the default data: an export of ``sample_photos`` holds 1,048 grids (8x8 of 256
+codes). Trained longer, even this small prior learns them by heart: held-out bits per token
+pass their best after a few hundred steps and climb (README: measured). So the run is short,
+the best held-out checkpoint is kept in ``WORKDIR/best`` and the run stops when held-out
+bits per token rise 5% above their best.
 """
 
 from configs.common import base
@@ -34,7 +34,7 @@ def get_config():
     c.optim.final_lr_fraction = 0.1
     c.optim.grad_clip = 1.0
     c.log_every = 50
-    c.eval_every = 50  # a multiple of checkpoint_every: the step a run stops at is saved
+    c.eval_every = 50  # a multiple of checkpoint_every: every evaluated step is saved
     c.eval_batches = 0  # every held-out example
     c.eval_batch_size = 64
     c.checkpoint_every = 50
