@@ -10,10 +10,12 @@ a half-written checkpoint that a restore would pick up. A checkpoint that does n
 checksums is *damaged*: it is never deleted, only moved out of the way (``set_aside``).
 """
 
+import errno
 import logging
 import re
 import shutil
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -34,35 +36,87 @@ CONFIGS = {"vqvae": VQVAEConfig, "prior": PriorConfig}
 log = logging.getLogger(__name__)
 
 
-class _QuietReadOnly(logging.Filter):
-    """Drop orbax's notes that a folder opened read-only is read-only."""
+def _says_disk_full(text: str) -> bool:
+    """An error message of a full disk (tensorstore's: RESOURCE_EXHAUSTED on a write)."""
+    if "No space left on device" in text or "Disk quota exceeded" in text:
+        return True
+    return "RESOURCE_EXHAUSTED" in text and "writing" in text.lower()
+
+
+def disk_full(e: BaseException | None) -> bool:
+    """Whether an error (or one it was raised from or during) is a full disk or quota."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if _says_disk_full(str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class _QuietOrbax(logging.Filter):
+    """Drop orbax's notes that a folder opened read-only is read-only, and, once a write
+    has met a full disk, the tracebacks its background threads and asyncio's futures log
+    about it (dozens of them): ``Checkpoints`` reports it in one line instead."""
+
+    seen_disk_full = False
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        return "read only" not in msg and "read_only=True" not in msg
+        if "read only" in msg or "read_only=True" in msg:
+            return False
+        if record.levelno < logging.ERROR:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        if disk_full(exc) or _says_disk_full(msg):
+            _QuietOrbax.seen_disk_full = True
+        from_orbax = "orbax" in record.pathname or record.name == "asyncio"
+        return not (from_orbax and _QuietOrbax.seen_disk_full)
 
 
-logging.getLogger("absl").addFilter(_QuietReadOnly())
+logging.getLogger("absl").addFilter(_QuietOrbax())
+logging.getLogger("asyncio").addFilter(_QuietOrbax())  # "Future exception was never retrieved"
 
 
 def _drop_closed_loop_noise(previous):
     """When a restore fails, tensorstore's pending callbacks reach orbax's event loop after
     it closed, and each prints a 'RuntimeError: Event loop is closed' traceback. That one
-    message is dropped; every other unraisable exception goes to the previous hook."""
+    message is dropped, and so is a full disk met at exit (TensorBoard's writer flushing):
+    the run reports that in one line. Every other unraisable exception goes to the
+    previous hook."""
 
     def hook(unraisable):
         e = unraisable.exc_value
-        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+        closed = isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+        if not (closed or disk_full(e)):
             previous(unraisable)
 
     return hook
 
 
+def _drop_disk_full_in_threads(previous):
+    """A background writer's thread (TensorBoard's) that dies of a full disk prints a
+    traceback; the run's next write meets the same disk and says so in one line."""
+
+    def hook(args):
+        if not disk_full(args.exc_value):
+            previous(args)
+
+    return hook
+
+
 sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
+threading.excepthook = _drop_disk_full_in_threads(threading.excepthook)
 
 
 class CheckpointError(FileNotFoundError):
     """No usable checkpoint where one was expected."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (a full disk, most often); the complete ones are kept."""
 
 
 class DamagedCheckpoint(CheckpointError):
@@ -158,6 +212,9 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("model", "train", "meta", "data")
         )
+        self._writing: int | None = None  # the step whose write may still be in flight
+        _QuietOrbax.seen_disk_full = False  # a new run: orbax's errors are shown again
+        self._failed: CheckpointWriteError | None = None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -182,7 +239,12 @@ class Checkpoints:
         }
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self.wait()  # the previous write's failure is that step's, said as such
+        self._writing = step
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:
+            raise self._write_failed(e) from None
 
     def restore_data(self, step: int, data_iterator) -> bool:
         """Set a grain iterator to the state saved with ``step``; False where there is none
@@ -209,7 +271,8 @@ class Checkpoints:
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # any failure to read a complete checkpoint is damage
-            raise DamagedCheckpoint(step, self.directory, _reason(e)) from None
+            why = self._missing_file(step, items) or _reason(e)
+            raise DamagedCheckpoint(step, self.directory, why) from None
         meta = out["meta"]
         expected = meta.get("checksums")  # absent in checkpoints written before checksums
         if expected is not None:
@@ -224,6 +287,18 @@ class Checkpoints:
         train = out.get("train") if abstract_train is not None else None
         return out["model"], train, meta
 
+    def _missing_file(self, step: int, items) -> str | None:
+        """ "model/_METADATA is missing" where a file every checkpoint has is gone (orbax
+        reports that as a pytree structure error), else None."""
+        folder = self.directory / str(step)
+        for name in items:
+            file = "metadata" if name == "meta" else "_METADATA"
+            if not (folder / name).is_dir():
+                return f"{name}/ is missing"
+            if not (folder / name / file).is_file():
+                return f"{name}/{file} is missing"
+        return None
+
     def meta(self, step: int | None = None) -> dict[str, Any]:
         step = self._step(step)
         try:
@@ -231,7 +306,8 @@ class Checkpoints:
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
             )
         except Exception as e:
-            raise DamagedCheckpoint(step, self.directory, _reason(e)) from None
+            why = self._missing_file(step, ("meta",)) or _reason(e)
+            raise DamagedCheckpoint(step, self.directory, why) from None
         return restored["meta"]
 
     def set_aside(self, step: int) -> Path:
@@ -263,10 +339,53 @@ class Checkpoints:
         return step
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Wait for the write in flight; ``CheckpointWriteError`` if it failed (raised once:
+        the error is not repeated by a later ``wait``, as in a ``finally``)."""
+        if self._failed is not None:
+            return
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._write_failed(e) from None
+        self._writing = None
+
+    def _write_failed(self, e: BaseException) -> "CheckpointWriteError":
+        """The one-line error for a failed write: why, and which complete step is kept (the
+        partial write is in a temporary folder that no restore picks up)."""
+        why = "no space left on device" if disk_full(e) else _reason(e)
+        step = "" if self._writing is None else f" {self._writing}"
+        self._failed = CheckpointWriteError(
+            f"cannot write checkpoint{step} in {self.directory}: {why}; {self._kept(e)}"
+        )
+        return self._failed
+
+    def _kept(self, e: BaseException) -> str:
+        """Which complete checkpoint a rerun resumes from, and when to rerun."""
+        kept = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+        if kept:
+            said = f"checkpoint {kept[-1]} is kept intact; rerun to resume from it"
+        else:
+            said = "no checkpoint was written yet"
+        return said + (" once there is room" if disk_full(e) else "")
+
+    def disk_full(self, e: OSError) -> "CheckpointWriteError":
+        """The one-line error for a full disk met by any other write of the run (the
+        metrics, TensorBoard, an image): the write in flight is waited for first, so the
+        checkpoint named as kept is complete."""
+        if self._failed is not None:
+            return self._failed
+        try:
+            self.wait()
+        except CheckpointWriteError as failed:
+            return failed
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        return CheckpointWriteError(f"no space left on device{where}; {self._kept(e)}")
 
     def close(self) -> None:
         self.manager.close()
+
+
+ROTATION_RETRIES = 5  # listings of a workdir whose trainer removes what was just listed
 
 
 def load_model(
@@ -276,32 +395,77 @@ def load_model(
 
     ``kind``: "vqvae" (the tokenizer) or "prior". Without ``step``, the newest intact
     checkpoint (a damaged newer one is named in a warning); a damaged ``step`` is an error.
+    A checkpoint removed while it is read (a running trainer keeps only its newest few) is
+    passed over like a damaged one, and the checkpoints are listed again if need be.
     """
     workdir = Path(workdir).expanduser()
     if not workdir.is_dir():
         raise CheckpointError(f"workdir {workdir} does not exist")
-    ckpt = Checkpoints(workdir, read_only=True)
-    try:
-        candidates = [ckpt._step(step)] if step is not None else ckpt.steps()
-        if not candidates:
-            raise CheckpointError(f"no checkpoints in {ckpt.directory}")
-        damaged = []
-        for s in candidates:
-            try:
-                model, meta = _load_step(ckpt, s, kind, workdir)
-            except DamagedCheckpoint as e:
+    for _ in range(ROTATION_RETRIES):
+        ckpt = _open_read_only(workdir)
+        try:
+            loaded = _load_newest(ckpt, step, kind, workdir)
+        finally:
+            ckpt.close()
+        if loaded is not None:
+            return loaded
+    raise CheckpointError(
+        f"the checkpoints in {workdir / 'checkpoints'} were removed while being read "
+        f"{ROTATION_RETRIES} times over: a running trainer replaces them faster than they load"
+    )
+
+
+def _open_read_only(workdir: Path) -> Checkpoints:
+    """The workdir's checkpoints, read-only; listed again when one vanishes while orbax
+    lists them (it reads each step folder's time after finding it)."""
+    for _ in range(ROTATION_RETRIES - 1):
+        try:
+            return Checkpoints(workdir, read_only=True)
+        except CheckpointError:
+            raise
+        except FileNotFoundError:
+            continue
+    return Checkpoints(workdir, read_only=True)
+
+
+def _load_newest(ckpt: Checkpoints, step: int | None, kind: str, workdir: Path):
+    """(model, meta) of ``step``, or of the newest checkpoint that restores; None when every
+    one tried was removed while being read (newer ones have appeared: list them again)."""
+    candidates = [ckpt._step(step)] if step is not None else ckpt.steps()
+    if not candidates:
+        raise CheckpointError(f"no checkpoints in {ckpt.directory}")
+    damaged, vanished = [], []
+    for s in candidates:
+        try:
+            model, meta = _load_step(ckpt, s, kind, workdir)
+        except DamagedCheckpoint as e:
+            if (ckpt.directory / str(s)).exists():
                 damaged.append(e)
-                continue
-            for e in damaged:
-                log.warning("%s; using checkpoint %d", e, s)
-            return model, meta
-        e = damaged[-1]
-        intact = "" if step is not None else " and no older one restores"
-        others = [s for s in ckpt.steps() if s != e.step]
-        hint = f"; pick another with --step ({', '.join(map(str, others))})" if others else ""
-        raise CheckpointError(f"{e}{intact}{hint if step is not None else ''}") from None
-    finally:
-        ckpt.close()
+            elif step is not None:
+                raise CheckpointError(
+                    f"checkpoint {s} in {ckpt.directory} was removed while being read (a "
+                    "running trainer keeps only its newest checkpoints)"
+                ) from None
+            else:
+                vanished.append(s)
+            continue
+        for e in damaged:
+            log.warning("%s; using checkpoint %d", e, s)
+        if vanished:
+            log.info(
+                "checkpoint(s) %s removed while being read (a running trainer keeps only its "
+                "newest); using checkpoint %d",
+                ", ".join(map(str, vanished)),
+                s,
+            )
+        return model, meta
+    if vanished:
+        return None
+    e = damaged[-1]
+    intact = "" if step is not None else " and no older one restores"
+    others = [s for s in ckpt.steps() if s != e.step]
+    hint = f"; pick another with --step ({', '.join(map(str, others))})" if others else ""
+    raise CheckpointError(f"{e}{intact}{hint if step is not None else ''}") from None
 
 
 def _load_step(ckpt: Checkpoints, step: int, kind: str, workdir: Path):

@@ -14,8 +14,13 @@ Batches are ``{"image": uint8 (B, H, W, C), "label": int32 (B,)}`` (tokens sourc
 example, 0 for padding.
 """
 
+import contextlib
+import functools
 import logging
 import os
+import re
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -36,6 +41,11 @@ log = logging.getLogger(__name__)
 MAX_AUTO_WORKERS = 16
 BUFFER_PER_WORKER = 2  # batches each worker decodes ahead
 THREADS_PER_WORKER = 2  # reading threads in each worker: file I/O overlaps decoding
+PARENT_POLL_S = 0.5  # how often a decoding worker checks that its parent is alive
+
+
+class WorkerDied(DataError):
+    """A decoding worker process ended unexpectedly (killed, or out of memory)."""
 
 
 def resolve_workers(setting: int, parallel: bool) -> int:
@@ -134,6 +144,20 @@ def eval_dataset(source, global_batch: int, total: int, process: tuple[int, int]
     return rows.map(_Decode(source, None, total)).batch(global_batch // process[1])
 
 
+def _end_with_parent(parent: int, _index: int, _count: int) -> None:
+    """In a decoding worker: kill itself once the process that started it is gone, however
+    it went (SIGKILL included), so no worker outlives its training run or export. A thread
+    polls the parent's pid: the kernel's parent-death signal (PR_SET_PDEATHSIG) would fire
+    when the *thread* that started the worker ends, and grain starts them from a pool."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="vqvae-parent-watch", daemon=True).start()
+
+
 def _iterate(dataset, workers: int):
     """Inline (``workers=0``: no threads either, for tests and debugging), or in workers."""
     threads = THREADS_PER_WORKER if workers else 0
@@ -144,8 +168,39 @@ def _iterate(dataset, workers: int):
         options = grain.MultiprocessingOptions(
             num_workers=workers, per_worker_buffer_size=BUFFER_PER_WORKER
         )
-        it = it.mp_prefetch(options)
+        it = it.mp_prefetch(
+            options, worker_init_fn=functools.partial(_end_with_parent, os.getpid())
+        )
     return iter(it)
+
+
+def _worker_died(e: BaseException) -> WorkerDied | None:
+    """grain's error for a worker process that ended -> one line saying so, else None."""
+    found = re.search(r"Worker process was terminated unexpectedly with exit code (-?\d+)", str(e))
+    if not found:
+        return None
+    code = int(found.group(1))
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+    return WorkerDied(
+        f"a data decoding worker process died ({how}); rerunning resumes from the last checkpoint"
+    )
+
+
+# the unreadable files met by every pipeline of a run (innermost ``unreadable_files``)
+_RUNS: list[set[str]] = []
+
+
+@contextlib.contextmanager
+def unreadable_files():
+    """Collect the names of the unreadable files that every pipeline meets meanwhile
+    (training, start-up statistics, each evaluation): each is warned about once, the
+    first time, and the set counts them all."""
+    met: set[str] = set()
+    _RUNS.append(met)
+    try:
+        yield met
+    finally:
+        _RUNS.remove(met)
 
 
 def this_process() -> tuple[int, int]:
@@ -163,6 +218,7 @@ class Batches:
     def __init__(self, it: Iterator, source, sharding, host_fn: Callable | None = None):
         self.it, self.source, self.sharding, self.host_fn = it, source, sharding, host_fn
         self.wait_seconds, self.unreadable = 0.0, set()
+        self._warned: set[str] = set()  # outside ``unreadable_files``: once per pipeline
         self._pending: dict | None = None
 
     def peek(self) -> dict:
@@ -183,16 +239,25 @@ class Batches:
             host, self._pending = self._pending, None
             return host
         t0 = time.perf_counter()
-        host = next(self.it)
+        try:
+            host = next(self.it)
+        except RuntimeError as e:
+            died = _worker_died(e)
+            if died is None:
+                raise
+            raise died from None
         self.wait_seconds += time.perf_counter() - t0
         host = dict(host)
         passed, first = host.pop("unreadable", None), host.pop("unreadable_id", None)
         self.last_passed = passed  # per row: unreadable examples it stands in for
         if passed is not None:
             for i in np.unique(first[passed > 0]):
-                if int(i) not in self.unreadable:
-                    self.unreadable.add(int(i))
-                    log.warning("skipping unreadable example %s", self.source.name(int(i)))
+                self.unreadable.add(int(i))
+                name = self.source.name(int(i))
+                warned = _RUNS[-1] if _RUNS else self._warned
+                if name not in warned:
+                    warned.add(name)
+                    log.warning("skipping unreadable example %s", name)
         return self.host_fn(host) if self.host_fn else host
 
     def __iter__(self):

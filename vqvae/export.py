@@ -8,10 +8,13 @@ A token export is a folder that plain NumPy reads, with no need for this package
                            labels int32 (n,) (-1: no label)
     codebook.npy           the code vectors float32, (K, D) or (L, K, D) (also in .npz)
 
-It is written to a temporary folder and renamed into place when complete, so an
-interrupted export never leaves a folder that looks finished.
+It is written to a hidden ``.OUT.partial`` folder and renamed into place when complete, so
+an interrupted export never leaves a folder that looks finished; what a killed one leaves
+is removed by the next export into the same parent folder (a lock file beside each partial
+folder tells a killed export's from a running one's).
 """
 
+import fcntl
 import json
 import os
 import shutil
@@ -27,15 +30,60 @@ from vqvae.tokenizer import Tokenizer
 FORMAT = "vqvae-tokens-1"
 
 
-def _staging(out: Path) -> Path:
-    out = out.expanduser()
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; choose a new --out or remove it")
-    tmp = out.parent / f".{out.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by an interrupted export
-    tmp.mkdir(parents=True)
-    return tmp
+def _remove_killed(parent: Path) -> None:
+    """Remove the ``.NAME.partial`` folders in ``parent`` that killed exports left: those
+    whose lock file no running export holds."""
+    for lock in parent.glob(".*.partial.lock"):
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            continue  # its export just finished
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:  # not replaced meanwhile
+                shutil.rmtree(lock.with_suffix(""), ignore_errors=True)
+                lock.unlink()
+        except (BlockingIOError, FileNotFoundError):
+            pass  # a running export's
+        finally:
+            os.close(fd)
+
+
+class _Staging:
+    """A fresh hidden folder ``tmp`` beside ``out``, locked while an export writes it:
+    ``finish`` renames it to ``out``, ``abandon`` removes it. Leftovers of killed exports
+    in the same parent folder are removed first."""
+
+    def __init__(self, out: Path):
+        self.out = out.expanduser()
+        if self.out.exists():
+            raise FileExistsError(f"{self.out} already exists; choose a new --out or remove it")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_killed(self.out.parent)
+        self.tmp = self.out.parent / f".{self.out.name}.partial"
+        self.lock = self.tmp.with_name(self.tmp.name + ".lock")
+        self.fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise FileExistsError(f"another export is writing {self.out} now") from None
+        shutil.rmtree(self.tmp, ignore_errors=True)  # left by an interrupted export
+        self.tmp.mkdir()
+
+    def finish(self) -> None:
+        self.tmp.rename(self.out)
+        self._release()
+
+    def abandon(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._release()
+
+    def _release(self) -> None:
+        if self.fd is not None:
+            self.lock.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
 
 
 def write_codebook(tokenizer: Tokenizer, folder: Path) -> dict:
@@ -49,10 +97,14 @@ def write_codebook(tokenizer: Tokenizer, folder: Path) -> dict:
 def export_codebook(tokenizer: Tokenizer, out: str | Path) -> Path:
     """A folder holding only the codebook files (and a small manifest)."""
     out = Path(out)
-    tmp = _staging(out)
-    facts = write_codebook(tokenizer, tmp)
-    (tmp / "manifest.json").write_text(json.dumps({"codebook": facts}, indent=2))
-    tmp.rename(out)
+    stage = _Staging(out)
+    try:
+        facts = write_codebook(tokenizer, stage.tmp)
+        (stage.tmp / "manifest.json").write_text(json.dumps({"codebook": facts}, indent=2))
+        stage.finish()
+    except BaseException:
+        stage.abandon()
+        raise
     return out
 
 
@@ -85,7 +137,8 @@ def export_tokens(
         channels=tokenizer.channels,
         train=split == "train",
     )
-    tmp = _staging(out)
+    stage = _Staging(out)
+    tmp = stage.tmp
     shards, pending, done, t0, shown = [], [], 0, time.time(), 0.0
     total, max_label = len(source), -1
     workers = data_lib.resolve_workers(workers, source.parallel)
@@ -135,8 +188,8 @@ def export_tokens(
             "seconds": round(time.time() - t0, 2),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        tmp.rename(out)
+        stage.finish()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        stage.abandon()
         raise
     return manifest

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from vqvae import data as data_lib
-from vqvae.checkpoint import CheckpointError, Checkpoints, DamagedCheckpoint
+from vqvae.checkpoint import CheckpointError, Checkpoints, DamagedCheckpoint, disk_full
 from vqvae.distributed import Watchdog, abandon, peer_lost
 from vqvae.lock import WorkdirLock
 from vqvae.logs import MetricsLog, Progress, image_grid
@@ -251,8 +251,18 @@ class Trainer:
             self.workdir.mkdir(parents=True, exist_ok=True)
             lock = WorkdirLock(self.workdir) if jax.process_index() == 0 else None
             try:
-                with lock or contextlib.nullcontext():
+                # every pipeline's unreadable files, each warned about once and counted once
+                with (
+                    lock or contextlib.nullcontext(),
+                    data_lib.unreadable_files() as self.unreadable,
+                ):
                     return self._run()
+            except CheckpointError:
+                raise
+            except OSError as e:  # a full disk met by the logs or an image: one line too
+                if not disk_full(e):
+                    raise
+                raise self.ckpt.disk_full(e) from None
             finally:
                 if fresh and lock is not None:  # a start-up that failed leaves nothing behind
                     _remove_if_untouched(self.workdir, created)
@@ -272,7 +282,7 @@ class Trainer:
         state, meta, restored = self.restore_or_init()
         start = int(state["step"])
         self._best = self._best_so_far(restored)
-        if self._nothing_to_do(start):
+        if not self._eval_missing(start) and self._nothing_to_do(start):
             self.state = state
             return {}
         batches = self._resume_batches(start, meta, restored)
@@ -312,6 +322,12 @@ class Trainer:
         last_saved, eval_metrics, waited = start, {}, 0.0
         try:
             with jax.set_mesh(self.mesh):
+                if self._eval_missing(start):  # killed between saving the step and evaluating it
+                    log.info("evaluating step %d: the run that saved it stopped first", start)
+                    eval_metrics = self.evaluate(state)
+                    metrics_log.write(start, "eval", eval_metrics)
+                    metrics_log.views(start, self.eval_views)
+                    self._after_eval(start, state, eval_metrics)
                 for step in range(start + 1, cfg.steps + 1):
                     state, metrics = step_fn(state, next(batches), self.consts)
                     # read once: a signal landing later in this step is acted on at the next
@@ -329,7 +345,7 @@ class Trainer:
                             )
                         host["lr"] = float(self.lr_at(step - 1))  # the rate this step used
                         host["data_wait_s"] = batches.wait_seconds - waited
-                        host["unreadable_files"] = float(len(batches.unreadable))
+                        host["unreadable_files"] = float(len(self.unreadable))
                         waited = batches.wait_seconds
                         metrics_log.write(step, "train", host)
                         progress.update(step, host["loss"], lr=host["lr"])
@@ -384,19 +400,39 @@ class Trainer:
             if "best_ckpt" in self.__dict__:
                 self.best_ckpt.wait()
             metrics_log.close()
-        self._report_unreadable(batches)
+        self._report_unreadable()
         self.state = state
         return eval_metrics
 
-    def _report_unreadable(self, batches) -> None:
-        """One line at the end of a run when unreadable examples were left out."""
-        met = sorted(batches.unreadable)
+    def _report_unreadable(self) -> None:
+        """One line at the end of a run when unreadable files were left out (training and
+        held-out ones alike, each counted once)."""
+        met = sorted(self.unreadable)
         if met:
             log.warning(
-                "%d unreadable file(s) were skipped during this run (first: %s)",
-                len(met),
-                self.train_source.name(met[0]),
+                "%d unreadable file(s) were skipped during this run (first: %s)", len(met), met[0]
             )
+
+    def _eval_missing(self, step: int) -> bool:
+        """Whether the restored ``step`` is an evaluation step with no evaluation in
+        metrics.jsonl: the run that saved it was killed before evaluating it (the save
+        comes first), and a rerun would otherwise never evaluate it."""
+        cfg = self.config
+        if step == 0 or not cfg.eval_every or (step % cfg.eval_every and step != cfg.steps):
+            return False
+        missing = True
+        if jax.process_index() == 0:  # the one that writes the history
+            path = self.workdir / "metrics.jsonl"
+            for line in path.read_text().splitlines() if path.is_file() else []:
+                with contextlib.suppress(json.JSONDecodeError):
+                    record = json.loads(line)
+                    if isinstance(record, dict) and record.get("step") == step:
+                        missing &= record.get("split") != "eval"
+        if jax.process_count() > 1:  # every process evaluates, or none
+            from jax.experimental import multihost_utils
+
+            missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+        return missing
 
     # --- what an evaluation decides: the console line, the best checkpoint, early stop ----
     @functools.cached_property
