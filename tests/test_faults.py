@@ -208,6 +208,7 @@ def test_decoding_workers_die_with_the_run_and_a_dead_worker_is_one_line(tmp_pat
     proc = start("train.py", *args)
     lines = Lines(proc)
     wait_for(lambda: checkpoints(workdir), proc)
+    first = descendants(proc.pid)
     os.kill(workers(proc)[0], signal.SIGKILL)
     proc.wait(timeout=120)
     err = lines.text()
@@ -218,7 +219,7 @@ def test_decoding_workers_die_with_the_run_and_a_dead_worker_is_one_line(tmp_pat
     assert re.search(
         r"decoding worker process died \(killed by SIGKILL\); rerunning resumes", died[0]
     )
-    assert not survivors(descendants(proc.pid))
+    assert not survivors(first), "the other worker or the resource tracker outlived the run"
 
     again = start("train.py", *args)
     lines = Lines(again)
