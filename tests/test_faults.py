@@ -266,6 +266,11 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_error(tmp_path, monkeypatc
         r"intact; rerun to resume from it once there is room",
         str(e.value),
     ), e.value
+    # what asyncio says of a tensorstore write future that failed likewise, at collection
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    logging.getLogger("asyncio").error(
+        "Future exception was never retrieved", exc_info=(OSError, full, None)
+    )
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage()[:200] for r in errors]
     monkeypatch.undo()
