@@ -115,7 +115,7 @@ def test_optimizer_schedule_warms_up_and_decays():
     assert sizes[0] < sizes[5] < sizes[10]  # warm-up
     assert sizes[10] > sizes[50] > sizes[99]  # cosine decay
     with pytest.raises(ValueError, match="optim.name"):
-        c.optim.name = "sgd"
+        c.optim.name = "lamb"
         make_optimizer(c.optim, 10)
 
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vqvae.nets import ACTIVATIONS, Decoder, Encoder
+from vqvae.nets import ACTIVATIONS, Decoder, Encoder, VQGANConfig, VQGANDecoder, VQGANEncoder
 from vqvae.quantizers import QuantizerConfig
 
 # The quantizer's fields as the model config held them before the quantizer had its own
@@ -25,6 +25,7 @@ _FLAT_QUANTIZER_KEYS = {
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+NETS = ("sonnet", "vqgan")
 
 
 def to_model_range(images: jax.Array) -> jax.Array:
@@ -39,10 +40,16 @@ def to_uint8(x: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class VQVAEConfig:
-    """Everything needed to rebuild the model; stored in every checkpoint."""
+    """Everything needed to rebuild the model; stored in every checkpoint.
+
+    ``net`` picks the encoder/decoder family: ``"sonnet"`` reads the fields from
+    ``base_channels`` to ``activation``; ``"vqgan"`` reads its own ``vqgan`` config.
+    """
 
     image_size: int = 32
     channels: int = 3
+    net: str = "sonnet"
+    vqgan: VQGANConfig = VQGANConfig()
     base_channels: int = 64
     channel_mult: tuple[int, ...] = (1, 2)  # one stride-2 level each: factor 2**len
     res_blocks: int = 0  # residual blocks per level
@@ -59,10 +66,14 @@ class VQVAEConfig:
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
         if not isinstance(self.quantizer, QuantizerConfig):  # a dict or a ConfigDict
             object.__setattr__(self, "quantizer", QuantizerConfig.from_dict(dict(self.quantizer)))
+        if not isinstance(self.vqgan, VQGANConfig):
+            object.__setattr__(self, "vqgan", _from_dict(VQGANConfig, self.vqgan, "vqgan"))
+        if self.net not in NETS:
+            raise ValueError(f"model.net must be one of {NETS}, got {self.net!r}")
         if self.image_size % self.downsample_factor:
             raise ValueError(
                 f"image_size {self.image_size} is not divisible by the downsampling factor "
-                f"{self.downsample_factor} (2 ** {len(self.channel_mult)} levels)"
+                f"{self.downsample_factor} of the {self.net} net"
             )
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}")
@@ -71,6 +82,8 @@ class VQVAEConfig:
 
     @property
     def downsample_factor(self) -> int:
+        if self.net == "vqgan":
+            return self.vqgan.downsample_factor
         return 2 ** len(self.channel_mult)
 
     @property
@@ -94,28 +107,26 @@ class VQVAEConfig:
             if "quantizer" in d:
                 raise ValueError(f"model config has both a quantizer and flat keys {sorted(flat)}")
             d["quantizer"] = {"kind": "vq", **flat}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**d)
+        return _from_dict(cls, d, "model")
 
     def build(self, rngs: nnx.Rngs) -> "VQVAE":
-        levels = [self.base_channels * m for m in self.channel_mult]
-        return VQVAE(
-            channels=self.channels,
-            levels=levels,
-            code_dim=self.code_dim,
-            res_blocks=self.res_blocks,
-            mid_blocks=self.mid_blocks,
-            res_hidden=self.res_hidden,
-            stem=self.stem,
-            group_norm=self.group_norm,
-            activation=self.activation,
-            dtype=DTYPES[self.compute_dtype],
-            quantizer=self.quantizer,
-            rngs=rngs,
-        )
+        return VQVAE(self, rngs=rngs)
+
+
+def _from_dict(cls, d, name: str):
+    """A frozen config dataclass from a dict, refusing keys it does not have."""
+    d = dict(d)
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {name} config keys: {sorted(unknown)}")
+    return cls(**d)
+
+
+def _vqgan(net: VQGANConfig, code_dim: int, quantizer: QuantizerConfig) -> VQVAEConfig:
+    """A VQGAN-family model at 256 px."""
+    return VQVAEConfig(
+        image_size=256, net="vqgan", vqgan=net, code_dim=code_dim, quantizer=quantizer
+    )
 
 
 PRESETS = {
@@ -134,6 +145,38 @@ PRESETS = {
         quantizer=QuantizerConfig(num_codes=16384),
         compute_dtype="bfloat16",
     ),
+    # The VQGAN family at 256 px (f16: 16x16 grids), shapes equal to the released models
+    # (parameter counts in tests/test_vqgan.py, read off the originals' code). Codebooks
+    # are gradient-learned, as theirs are.
+    # taming-transformers' ImageNet VQGANs (configs/imagenet_vqgan.yaml's net)
+    "taming-f16-16384": _vqgan(
+        VQGANConfig(), 256, QuantizerConfig(num_codes=16384, learning="gradient")
+    ),
+    "taming-f16-1024": _vqgan(
+        VQGANConfig(), 256, QuantizerConfig(num_codes=1024, learning="gradient")
+    ),
+    # MaskGIT's ImageNet tokenizer (maskgit/configs/vqgan_config.py): no attention, average
+    # pooling, 1024 x 256 codes
+    "maskgit-f16-1024": _vqgan(
+        VQGANConfig(
+            style="maskgit",
+            attn_resolutions=(),
+            mid_attention=False,
+            downsample="avgpool",
+            quant_conv=False,
+        ),
+        256,
+        QuantizerConfig(num_codes=1024, learning="gradient"),
+    ),
+    # LlamaGen's VQ-16 and VQ-8: 16384 codes of 8 dimensions, l2-normalised (cosine search)
+    "llamagen-vq16": _vqgan(
+        VQGANConfig(), 8, QuantizerConfig(num_codes=16384, learning="gradient", normalize=True)
+    ),
+    "llamagen-vq8": _vqgan(
+        VQGANConfig(ch_mult=(1, 2, 2, 4), attn_resolutions=(32,)),
+        8,
+        QuantizerConfig(num_codes=16384, learning="gradient", normalize=True),
+    ),
 }
 
 
@@ -145,37 +188,30 @@ class ModelOutput(NamedTuple):
 
 
 class VQVAE(nnx.Module):
-    """Encoder, quantizer (any kind; always float32) and decoder."""
+    """Encoder, quantizer (any kind; always float32) and decoder, built from the config."""
 
-    def __init__(
-        self,
-        *,
-        channels: int,
-        levels: list[int],
-        code_dim: int,
-        res_blocks: int,
-        mid_blocks: int,
-        res_hidden: int | None,
-        stem: bool,
-        group_norm: bool,
-        activation: str,
-        dtype,
-        quantizer: QuantizerConfig,
-        rngs: nnx.Rngs,
-    ):
+    def __init__(self, config: VQVAEConfig, *, rngs: nnx.Rngs):
+        c, dtype = config, DTYPES[config.compute_dtype]
+        if c.net == "vqgan":
+            size = (c.vqgan, c.image_size)
+            self.encoder = VQGANEncoder(*size, c.channels, c.code_dim, dtype=dtype, rngs=rngs)
+            self.quantizer = c.quantizer.build(c.code_dim, rngs)
+            self.decoder = VQGANDecoder(*size, c.channels, c.code_dim, dtype=dtype, rngs=rngs)
+            return
+        levels = [c.base_channels * m for m in c.channel_mult]
         net = dict(
-            res_blocks=res_blocks,
-            mid_blocks=mid_blocks,
-            res_hidden=res_hidden,
-            stem=stem,
-            group_norm=group_norm,
-            activation=activation,
+            res_blocks=c.res_blocks,
+            mid_blocks=c.mid_blocks,
+            res_hidden=c.res_hidden,
+            stem=c.stem,
+            group_norm=c.group_norm,
+            activation=c.activation,
             dtype=dtype,
             rngs=rngs,
         )
-        self.encoder = Encoder(channels, levels, code_dim, **net)
-        self.quantizer = quantizer.build(code_dim, rngs)
-        self.decoder = Decoder(channels, levels, code_dim, **net)
+        self.encoder = Encoder(c.channels, levels, c.code_dim, **net)
+        self.quantizer = c.quantizer.build(c.code_dim, rngs)
+        self.decoder = Decoder(c.channels, levels, c.code_dim, **net)
 
     def encode(self, x: jax.Array) -> jax.Array:
         """Images (B, H, W, C) in the training range -> continuous codes (B, h, w, D) float32."""

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from vqvae.checkpoint import CheckpointError, load_model
-from vqvae.model import VQVAE, to_model_range, to_uint8
+from vqvae.model import VQVAE, VQVAEConfig, to_model_range, to_uint8
 
 BUCKETS = (1, 8, 64, 256)
 # Float images beyond +-1 are in another convention (0..255, most likely), not the
@@ -96,7 +96,7 @@ class Tokenizer:
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** len(self.config["channel_mult"])
+        return VQVAEConfig.from_dict(self.config).downsample_factor
 
     @property
     def image_size(self) -> int:

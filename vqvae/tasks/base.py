@@ -43,14 +43,17 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int):
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
-    """Adam or AdamW with linear warm-up and cosine decay, optional gradient clipping."""
+    """Adam, AdamW or plain SGD with linear warm-up and cosine decay, optional gradient
+    clipping."""
     schedule = make_schedule(optim, total_steps)
     if optim.name == "adam":
         opt = optax.adam(schedule, b1=optim.b1, b2=optim.b2)
     elif optim.name == "adamw":
         opt = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay)
+    elif optim.name == "sgd":
+        opt = optax.sgd(schedule)
     else:
-        raise ValueError(f"optim.name must be 'adam' or 'adamw', got {optim.name!r}")
+        raise ValueError(f"optim.name must be 'adam', 'adamw' or 'sgd', got {optim.name!r}")
     if optim.grad_clip:
         opt = optax.chain(optax.clip_by_global_norm(optim.grad_clip), opt)
     return opt
