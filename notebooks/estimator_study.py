@@ -106,7 +106,8 @@ def pair_run(
     its gradient scale averages over). Returns histories: ``step``; ``agree`` (share of quantized
     weights equal in the two); ``distance`` (|w_custom - w_ste| over |w_ste - w_ste(0)|, with
     w_custom mapped into the STE's coordinates when ``mapped``: 0 when they train alike, about
-    1 or more when their difference is as large as what training moved); ``acc_custom`` and
+    1 or more when their difference is as large as what training moved); ``bias_distance``
+    (the same for the biases, which are not quantized); ``acc_custom`` and
     ``acc_ste`` (test accuracy); and the learning-rate ``factor`` used.
     """
     (x, y), (xt, yt) = data if data is not None else load_digits()
@@ -117,8 +118,8 @@ def pair_run(
         for layer in plain.layers():
             w = layer.kernel.get_value()
             layer.kernel.set_value(layer.scale * weight_map(w / layer.scale))
-    if optimizer == "sgd":
-        tx_custom, tx_plain = optax.sgd(lr), optax.sgd(lr * factor)
+    if optimizer == "sgd":  # the factor is for the quantized kernels; biases train at lr
+        tx_custom, tx_plain = optax.sgd(lr), _sgd_on_kernels(lr, factor)
     elif optimizer == "adam":
         if mapped:
             raise ValueError("the weight map and learning-rate factor are SGD's; Adam needs none")
@@ -146,16 +147,21 @@ def pair_run(
     def accuracy(params, graph):
         return jnp.mean(jnp.argmax(nnx.merge(graph, params)(xt), -1) == yt)
 
-    start = _flat(_kernels(plain))
-    history = {k: [] for k in ("step", "agree", "distance", "acc_custom", "acc_ste")}
+    start, bias_start = _flat(_kernels(plain)), _biases(plain)
+    names = ("step", "agree", "distance", "bias_distance", "acc_custom", "acc_ste")
+    history = {k: [] for k in names}
     rng = np.random.default_rng(seed)
     order = np.array([], np.int64)
     for t in range(steps + 1):
         if t % every == 0 or t == steps:
-            kc = _kernels(nnx.merge(graph_c, params_c))
-            kp = _kernels(nnx.merge(graph_p, params_p))
+            model_c, model_p = nnx.merge(graph_c, params_c), nnx.merge(graph_p, params_p)
+            kc, kp = _kernels(model_c), _kernels(model_p)
             wc, wp = _flat(kc, weight_map), _flat(kp)
             moved = max(np.linalg.norm(wp - start), 1e-12)
+            bc, bp = _biases(model_c), _biases(model_p)
+            bias_moved = max(np.linalg.norm(bp - bias_start), 1e-12)
+            bias_gap = float(np.linalg.norm(bc - bp) / bias_moved) if t else 0.0
+            history["bias_distance"].append(bias_gap)
             history["step"].append(t)
             history["agree"].append(float(np.mean(_grid_ints(kc) == _grid_ints(kp))))
             history["distance"].append(float(np.linalg.norm(wc - wp) / moved) if t else 0.0)
@@ -172,6 +178,23 @@ def pair_run(
     out = {k: np.asarray(v) for k, v in history.items()}
     out["factor"] = np.float64(factor)
     return out
+
+
+def _sgd_on_kernels(lr: float, factor: float) -> optax.GradientTransformation:
+    """SGD at ``lr * factor`` on the quantized kernels and at ``lr`` on the rest (the
+    biases, which are not quantized, so the map and factor do not apply to them)."""
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "kernel" if "['kernel']" in jax.tree_util.keystr(path) else "rest",
+            params,
+        )
+
+    return optax.multi_transform({"kernel": optax.sgd(lr * factor), "rest": optax.sgd(lr)}, labels)
+
+
+def _biases(model: ConvNet) -> np.ndarray:
+    return np.concatenate([np.asarray(layer.bias.get_value()).ravel() for layer in model.layers()])
 
 
 def lr_sweep(derivative: Callable, optimizer: str, lrs, **kwargs) -> dict[str, np.ndarray]:

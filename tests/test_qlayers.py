@@ -47,3 +47,24 @@ def test_conv_forward_matches_a_plain_conv_on_the_quantized_kernel():
     plain.kernel.set_value(w)
     np.testing.assert_allclose(conv(x), plain(x), rtol=1e-5, atol=1e-6)
     assert conv(x).shape == (1, 4, 4, 4)
+
+
+def test_the_study_maps_only_the_quantized_kernels_under_sgd():
+    """The SGD equivalence's learning-rate factor is for the quantized weights: the STE
+    copy's biases (not quantized) train at the plain learning rate."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "notebooks"))
+    import estimator_study as study
+
+    model = study.ConvNet(bits=4, derivative=None, rngs=nnx.Rngs(0))
+    _, params = nnx.split(model)
+    tx = study._sgd_on_kernels(0.1, 0.75)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for name in ("conv1", "conv2", "head"):
+        np.testing.assert_allclose(updates[name]["kernel"].get_value(), -0.075, rtol=1e-6)
+        np.testing.assert_allclose(updates[name]["bias"].get_value(), -0.1, rtol=1e-6)
+    h = study.pair_run(piecewise_linear(0.5), optimizer="sgd", lr=0.003, steps=40, every=40)
+    assert h["bias_distance"][-1] < 0.05  # the biases train alike (0.33 when mapped too)
