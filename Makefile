@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RUN_STAMP := $(VENV)/.installed-photos
 
-.PHONY: train test lint clean
+.PHONY: train test test-fast lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ train: $(RUN_STAMP)
 ## Lint, format check and the whole test suite.
 test: $(STAMP) lint
 	$(PY) -m pytest -q
+
+## Lint and every test but script launches, multi-process runs, notebooks and benchmarks.
+test-fast: $(STAMP) lint
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

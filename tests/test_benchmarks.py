@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # benchmark launches: left out of make test-fast
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

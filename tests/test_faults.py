@@ -28,6 +28,8 @@ from PIL import Image
 from .conftest import config
 from .test_scripts import ROOT, TINY, Lines, checkpoints, start, wait_for
 
+pytestmark = pytest.mark.slow  # real processes killed: left out of make test-fast
+
 LINUX = sys.platform.startswith("linux")
 
 

@@ -159,6 +159,7 @@ def test_sharded_gan_step_equals_single_device_step(tmp_path):
     _assert_trees_close(out[1][0], out[8][0], rtol=1e-4, atol=2e-5)  # both models and optimizers
 
 
+@pytest.mark.slow  # script launches
 def test_a_killed_gan_run_resumes_with_both_models_exact(tmp_path):
     from .test_scripts import checkpoints, run, start, wait_for
 

@@ -112,6 +112,7 @@ def test_loss_is_normalised_mse_plus_quantizer_loss():
     assert float(m["commitment_loss"]) > 0
 
 
+@pytest.mark.slow  # a subprocess
 def test_core_runs_without_tensorflow():
     import subprocess
     import sys

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from vqvae.checkpoint import load_model
+
+pytestmark = pytest.mark.slow  # several processes: left out of make test-fast
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--config", str(ROOT / "configs" / "tiny.py"), "--config.tensorboard=False"]

@@ -39,6 +39,7 @@ def images(outputs) -> list:
     return [o for o in outputs if "image/png" in o.get("data", {})]
 
 
+@pytest.mark.slow  # a notebook
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     outputs = run_notebook("quickstart.ipynb", monkeypatch, VQVAE_NOTEBOOK_WORKDIR=str(tmp_path))
     assert (tmp_path / "tokenizer" / "eval_grid.png").is_file()
@@ -46,6 +47,7 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert len(images(outputs)) >= 3  # the grid, the token map and histogram, the samples
 
 
+@pytest.mark.slow  # a notebook
 def test_estimators_notebook_runs_and_its_committed_copy_has_the_plots(monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     committed = nbformat.read(ROOT / "notebooks" / "estimators.ipynb", as_version=4)

@@ -73,6 +73,7 @@ def test_top_k_limits_choices():
     assert len(np.unique(np.asarray(tokens[:, 0]))) == 1  # same first token for everyone
 
 
+@pytest.mark.slow  # script launches
 def test_prior_trains_checkpoints_and_generates(trained10, tmp_path):
     c = config(steps=6, batch_size=16, log_every=3, eval_every=6, checkpoint_every=6)
     c.task = "prior"  # the same loop, another task

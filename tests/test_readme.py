@@ -44,6 +44,7 @@ def test_the_readme_has_the_commands_it_should():
     assert len(commands("train.py")) >= 4 and len(commands("sample.py")) >= 3
 
 
+@pytest.mark.slow  # script launches
 def test_every_train_command_of_the_readme_parses():
     """Each ``train.py`` command, its placeholders filled in, through train.py --list-config
     (which loads the config and applies the overrides, then exits): an unknown key or a bad
@@ -80,6 +81,7 @@ def test_every_sample_command_of_the_readme_parses(args):
     assert out.startswith("workdir/"), f"{out}: the README's outputs go under workdir/"
 
 
+@pytest.mark.slow  # make launches
 def test_make_train_installs_only_what_the_run_needs_and_shows_progress(tmp_path):
     """`make train` on a fresh clone: the photos extra alone, pip not silenced; `make test`
     (what CI runs) still installs the dev extra."""

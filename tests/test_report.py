@@ -38,6 +38,7 @@ def test_f8_forward_flops_match_the_reference_count():
     assert 3 * convs == pytest.approx(384, rel=0.02)
 
 
+@pytest.mark.slow  # script launches
 def test_report_command(trained10):
     out = subprocess.run(
         [sys.executable, "-m", "vqvae.report", "--workdir", str(trained10), "--batch", "8"],

@@ -312,6 +312,21 @@ class Trainer:
         )
         return batches
 
+    def _save(self, step: int, state: dict, meta: dict, batches) -> int:
+        """A checkpoint of ``state`` at ``step``, with the data stream's position: -> step."""
+        model, train = _split(state)
+        meta = {**meta, "data_position": batches.position()}
+        self.ckpt.save(step, model, train, meta, data_iterator=batches.grain_iterator)
+        log.info("saving checkpoint %d in %s", step, self.ckpt.directory)
+        return step
+
+    def _evaluate_logged(self, step: int, state: dict, metrics_log) -> tuple[dict, bool]:
+        """Evaluate, log the figures and views: -> (metrics, whether to stop early)."""
+        eval_metrics = self.evaluate(state)
+        metrics_log.write(step, "eval", eval_metrics)
+        metrics_log.views(step, self.eval_views)
+        return eval_metrics, self._after_eval(step, state, eval_metrics)
+
     def _loop(self, state, start: int, step_fn, batches) -> dict:
         cfg = self.config
         primary = jax.process_index() == 0
@@ -322,13 +337,13 @@ class Trainer:
         last_saved, eval_metrics, waited = start, {}, 0.0
         try:
             with jax.set_mesh(self.mesh):
+                stop_early = False
                 if self._eval_missing(start):  # killed between saving the step and evaluating it
                     log.info("evaluating step %d: the run that saved it stopped first", start)
-                    eval_metrics = self.evaluate(state)
-                    metrics_log.write(start, "eval", eval_metrics)
-                    metrics_log.views(start, self.eval_views)
-                    self._after_eval(start, state, eval_metrics)
+                    eval_metrics, stop_early = self._evaluate_logged(start, state, metrics_log)
                 for step in range(start + 1, cfg.steps + 1):
+                    if stop_early:  # the restored step's evaluation already says stop
+                        break
                     state, metrics = step_fn(state, next(batches), self.consts)
                     # read once: a signal landing later in this step is acted on at the next
                     stop = self.stop.signal
@@ -350,36 +365,13 @@ class Trainer:
                         metrics_log.write(step, "train", host)
                         progress.update(step, host["loss"], lr=host["lr"])
                     if save:  # before evaluating: an evaluation that fails loses nothing
-                        position = {"data_position": batches.position()}
-                        model, train = _split(state)
-                        self.ckpt.save(
-                            step,
-                            model,
-                            train,
-                            {**meta, **position},
-                            data_iterator=batches.grain_iterator,
-                        )
-                        last_saved = step
-                        log.info("saving checkpoint %d in %s", step, self.ckpt.directory)
+                        last_saved = self._save(step, state, meta, batches)
                         if jax.process_count() > 1:
                             watchdog.start()  # once the first save's one-time compiles are done
                     if cfg.eval_every and (step % cfg.eval_every == 0 or last):
-                        eval_metrics = self.evaluate(state)
-                        metrics_log.write(step, "eval", eval_metrics)
-                        metrics_log.views(step, self.eval_views)
-                        stop_early = self._after_eval(step, state, eval_metrics)
+                        eval_metrics, stop_early = self._evaluate_logged(step, state, metrics_log)
                         if stop_early and last_saved != step:
-                            position = {"data_position": batches.position()}
-                            model, train = _split(state)
-                            self.ckpt.save(
-                                step,
-                                model,
-                                train,
-                                {**meta, **position},
-                                data_iterator=batches.grain_iterator,
-                            )
-                            last_saved = step
-                            log.info("saving checkpoint %d in %s", step, self.ckpt.directory)
+                            last_saved = self._save(step, state, meta, batches)
                         if stop_early:
                             break
                     watchdog.beat()
