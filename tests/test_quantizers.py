@@ -19,6 +19,9 @@ from vqvae.quantizers.lfq import lfq_codes_to_indices, lfq_entropies, lfq_indice
 
 KINDS = {
     "vq": QuantizerConfig(num_codes=32),
+    # factorised l2 codes, gradient-learned (LlamaGen's way): 32 codes of 4 dims behind
+    # projections from the encoder's 8
+    "vq-l2": QuantizerConfig(num_codes=32, codebook_dim=4, normalize=True, learning="gradient"),
     "rvq": QuantizerConfig(kind="rvq", num_codes=16, residual_levels=2, quantizer_dropout=0.5),
     "fsq": QuantizerConfig(kind="fsq", fsq_levels=(4, 4, 2)),
     "lfq": QuantizerConfig(kind="lfq", lfq_bits=5),
@@ -254,7 +257,7 @@ def test_every_kind_tokenizes_exports_and_feeds_the_prior(trained_kinds, kind, t
     tok = Tokenizer.load(trained_kinds[kind])
     x = photos(6)
     tokens = tok.encode(x)
-    assert tokens.shape == (6, 4, 4, *tok.token_levels) and tok.kind == kind
+    assert tokens.shape == (6, 4, 4, *tok.token_levels) and tok.kind == KINDS[kind].kind
     model, _ = load_model(trained_kinds[kind])
     expected = np.asarray(to_uint8(model(to_model_range(x)).reconstruction))
     assert np.abs(tok.decode(tokens).astype(int) - expected).max() <= 1
@@ -264,7 +267,7 @@ def test_every_kind_tokenizes_exports_and_feeds_the_prior(trained_kinds, kind, t
     manifest = export_tokens(
         tok, "sample_photos", tmp_path / "tokens", split="val", log=lambda _: 0
     )
-    assert manifest["quantizer"]["kind"] == kind
+    assert QuantizerConfig.from_dict(manifest["quantizer"]) == KINDS[kind]  # codebook_dim too
     assert manifest["token_shape"] == [4, 4, *tok.token_levels]
     shard = np.load(tmp_path / "tokens" / manifest["shards"][0]["file"])["tokens"]
     assert shard.shape[1:] == (4, 4, *tok.token_levels)

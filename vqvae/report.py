@@ -105,7 +105,10 @@ def _describe(q: QuantizerConfig, code_dim: int) -> str:
     if q.kind == "lfq":
         return f"lfq {q.lfq_bits} bits: {q.vocab_size} implicit codes"
     levels = f"{q.residual_levels} levels x " if q.kind == "rvq" else ""
-    return f"{q.kind} {levels}{q.num_codes} x {code_dim}"
+    cosine = ", cosine" if q.normalize else ""
+    if q.kind == "vq" and q.codebook_dim:  # factorised: the stored codes' width
+        return f"vq {q.num_codes} x {q.codebook_dim}{cosine} (projected from {code_dim})"
+    return f"{q.kind} {levels}{q.num_codes} x {code_dim}{cosine}"
 
 
 def hardware_figures(

@@ -46,6 +46,9 @@ class QuantizerConfig:
     normalize: bool = False  # cosine codes
     dead_code_threshold: float = 0.0  # EMA: re-seed codes used less than this
     precision: str = "highest"  # the assignment: "highest", "default" or "rerank"
+    # vq: factorised codes (ViT-VQGAN, LlamaGen): codes of this width under the encoder's,
+    # with learned projections in and out; 0: codes of the encoder's width
+    codebook_dim: int = 0
     # rvq: levels of num_codes each, and quantizer dropout (probability a training batch
     # uses only its first n levels, n uniform in 1..levels)
     residual_levels: int = 1
@@ -62,6 +65,15 @@ class QuantizerConfig:
         object.__setattr__(self, "fsq_levels", tuple(int(x) for x in self.fsq_levels))
         if self.kind not in KINDS:
             raise ValueError(f"quantizer kind must be one of {sorted(KINDS)}, got {self.kind!r}")
+        if self.codebook_dim < 0:
+            raise ValueError(
+                f"codebook_dim must be >= 0 (0: the input's width), got {self.codebook_dim}"
+            )
+        if self.codebook_dim and self.kind != "vq":
+            raise ValueError(
+                f"codebook_dim (factorised codes) is for kind 'vq' only, not {self.kind!r}; "
+                f"set it to 0"
+            )
 
     @property
     def vocab_size(self) -> int:
@@ -85,7 +97,7 @@ class QuantizerConfig:
         make = getattr(importlib.import_module(f"vqvae.quantizers.{module}"), cls)
         vq = {k: getattr(self, k) for k in _VQ_OPTIONS}
         if self.kind == "vq":
-            return make(self.num_codes, code_dim, rngs=rngs, **vq)
+            return make(self.num_codes, code_dim, codebook_dim=self.codebook_dim, rngs=rngs, **vq)
         if self.kind == "rvq":
             return make(
                 code_dim,

@@ -1,5 +1,10 @@
 """The vector quantizer: nearest code, straight-through output, commitment, EMA codebook.
 
+Factorised codes (ViT-VQGAN, Yu et al. 2022; LlamaGen): with ``codebook_dim`` under the
+input's width, a learned linear map takes each input vector down to ``codebook_dim`` before
+the lookup and another takes its code back up; with ``normalize`` both the projected vectors
+and the codes are unit vectors, so the nearest code is the one of largest cosine.
+
 The math lives in small pure functions (assignment in ``vqvae.quantizers.assign``; here the
 EMA update and dead-code restarts, over flat arrays ``z`` (N, D) and a codebook (K, D)), so
 each can be used and tested alone; ``VectorQuantizer`` wires them into a Flax NNX module.
@@ -82,6 +87,11 @@ class VectorQuantizer(Quantizer):
     learning="ema" (default) updates the codebook from running cluster statistics when called
     with ``train=True``; learning="gradient" makes it an ``nnx.Param`` trained by the codebook
     loss. estimator="ste" (default) or "rotation" picks the gradient to the encoder output.
+
+    ``codebook_dim`` (0: ``code_dim``) under ``code_dim`` factorises the codes: inputs are
+    projected to ``codebook_dim`` (``project_in``), assigned, and their codes projected back
+    (``project_out``); losses, EMA statistics, restarts and k-means live in the projected
+    space, while ``lookup`` and ``codes`` give vectors as the decoder sees them (code_dim).
     """
 
     def __init__(
@@ -97,6 +107,7 @@ class VectorQuantizer(Quantizer):
         normalize: bool = False,
         dead_code_threshold: float = 0.0,
         precision: Precision = "highest",
+        codebook_dim: int = 0,
         rngs: nnx.Rngs,
     ):
         if num_codes < 1:
@@ -115,13 +126,26 @@ class VectorQuantizer(Quantizer):
             raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
         if dead_code_threshold > 0 and learning != "ema":
             raise ValueError("dead_code_threshold needs learning='ema' (restarts edit EMA state)")
+        if not 0 <= codebook_dim < code_dim:
+            raise ValueError(
+                f"codebook_dim must be 0 (codes of the input's width) or from 1 to "
+                f"code_dim - 1 = {code_dim - 1}, got {codebook_dim}"
+            )
         self.num_codes, self.code_dim, self.vocab_size = num_codes, code_dim, num_codes
+        self.codebook_dim = codebook_dim or code_dim  # the width of the stored codes
+        if codebook_dim:  # float32 at full precision, as the rest of the quantizer
+            linear = dict(param_dtype=jnp.float32, precision=jax.lax.Precision.HIGHEST, rngs=rngs)
+            self.project_in = nnx.Linear(code_dim, codebook_dim, **linear)
+            self.project_out = nnx.Linear(codebook_dim, code_dim, **linear)
+        else:
+            self.project_in = self.project_out = None
         self.beta, self.learning, self.decay, self.epsilon = beta, learning, decay, epsilon
         self.estimator, self.normalize, self.precision = estimator, normalize, precision
         self.dead_code_threshold = dead_code_threshold
 
-        limit = math.sqrt(3.0 / code_dim)  # unit-variance uniform, as a fan-in init
-        init = jax.random.uniform(rngs.params(), (num_codes, code_dim), jnp.float32, -limit, limit)
+        width = self.codebook_dim
+        limit = math.sqrt(3.0 / width)  # unit-variance uniform, as a fan-in init
+        init = jax.random.uniform(rngs.params(), (num_codes, width), jnp.float32, -limit, limit)
         if normalize:
             init = l2_normalize(init)
         self.codebook = nnx.Param(init) if learning == "gradient" else Codebook(init)
@@ -130,15 +154,36 @@ class VectorQuantizer(Quantizer):
         self.sums = CodebookStats(init) if learning == "ema" else None
         self.restart_key = CodebookStats(jax.random.key_data(rngs.params()))
 
-    def codes(self) -> jax.Array:
-        """The codebook (K, D) as used for assignment (unit vectors in cosine mode)."""
+    @property
+    def factorised(self) -> bool:
+        return self.project_in is not None
+
+    def assignment_codes(self) -> jax.Array:
+        """The codebook (K, codebook_dim) as used for assignment (unit vectors in cosine mode)."""
         e = self.codebook.get_value()
         return l2_normalize(e) if self.normalize else e
 
+    def project(self, z: jax.Array) -> jax.Array:
+        """Inputs (..., code_dim) -> the vectors that are assigned (..., codebook_dim), float32:
+        through ``project_in`` where the codes are factorised, unit vectors in cosine mode."""
+        z = z.astype(jnp.float32)
+        if self.factorised:
+            z = self.project_in(z)
+        return l2_normalize(z) if self.normalize else z
+
+    def unproject(self, e: jax.Array) -> jax.Array:
+        """Codes (..., codebook_dim) -> vectors as the decoder sees them (..., code_dim)."""
+        return self.project_out(e) if self.factorised else e
+
+    def codes(self) -> jax.Array:
+        """The code vectors as the decoder sees them (K, code_dim): the codebook, unit vectors
+        in cosine mode, and through ``project_out`` where the codes are factorised."""
+        return self.unproject(self.assignment_codes())
+
     def lookup(self, indices: jax.Array) -> jax.Array:
-        """Code vectors for int indices (...) -> (..., D), for decoding tokens."""
+        """Code vectors for int indices (...) -> (..., code_dim), for decoding tokens."""
         self.check_ids(indices)
-        return jnp.take(self.codes(), indices, axis=0)
+        return self.unproject(jnp.take(self.assignment_codes(), indices, axis=0))
 
     def usage(self) -> jax.Array:
         """EMA usage counts (1, K)."""
@@ -150,10 +195,8 @@ class VectorQuantizer(Quantizer):
         """Quantize z (..., D); with ``train=True`` also update the EMA state from this batch
         (unless ``active`` is false: a residual level that quantizer dropout left out)."""
         self.check_input(z)
-        z = z.astype(jnp.float32)  # the quantizer always runs in float32
-        if self.normalize:
-            z = l2_normalize(z)
-        codebook = self.codes()  # (K, D)
+        z = self.project(z)  # float32 always; (..., codebook_dim)
+        codebook = self.assignment_codes()  # (K, codebook_dim)
         indices = nearest_codes(jax.lax.stop_gradient(z), codebook, precision=self.precision)
         e = jnp.take(codebook, indices, axis=0)  # (..., D)
 
@@ -164,6 +207,7 @@ class VectorQuantizer(Quantizer):
         else:
             codebook_loss = jnp.zeros((), jnp.float32)
         quantized = rotation_trick(z, e) if self.estimator == "rotation" else ste_replace(z, e)
+        quantized = self.unproject(quantized)  # (..., code_dim)
 
         counts = code_counts(indices, self.num_codes)  # (K,)
         metrics = {"commitment_loss": commitment, "codebook_loss": codebook_loss}
@@ -180,7 +224,7 @@ class VectorQuantizer(Quantizer):
 
     def _update(self, z: jax.Array, indices: jax.Array) -> jax.Array:
         """Advance the EMA state on one batch; returns how many codes were restarted."""
-        z_flat = z.reshape(-1, self.code_dim)  # (N, D)
+        z_flat = z.reshape(-1, self.codebook_dim)  # (N, codebook_dim)
         idx = indices.reshape(-1)  # (N,)
         if self.learning == "gradient":  # usage counts only, for finding dead codes
             batch = code_counts(idx, self.num_codes)
@@ -214,11 +258,10 @@ class VectorQuantizer(Quantizer):
         return self.counts.get_value() < threshold
 
     def init_from_batch(self, z: jax.Array, key: jax.Array, iters: int = 10) -> None:
-        """k-means initialisation of the codebook (and EMA state) from encoder outputs (..., D)."""
+        """k-means initialisation of the codebook (and EMA state) from encoder outputs (..., D),
+        in the space of assignment (after ``project_in`` where the codes are factorised)."""
         self.check_input(z)
-        z_flat = z.reshape(-1, self.code_dim).astype(jnp.float32)
-        if self.normalize:
-            z_flat = l2_normalize(z_flat)
+        z_flat = self.project(jax.lax.stop_gradient(z)).reshape(-1, self.codebook_dim)
         centres, sizes = kmeans(z_flat, self.num_codes, key, iters, self.precision)
         if self.normalize:
             centres = l2_normalize(centres)
