@@ -1,0 +1,291 @@
+"""vqvae.metrics: PSNR/SSIM parity with scikit-image, the Fréchet distance, statistics files,
+and the streaming accumulator."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from vqvae.metrics import (
+    FeatureStats,
+    Gaussian,
+    ReconstructionMetrics,
+    frechet_distance,
+    psnr,
+    read_adm_reference,
+    read_stats,
+    ssim,
+    write_stats,
+)
+
+from .conftest import photos
+
+skm = pytest.importorskip("skimage.metrics")
+
+SKIMAGE_SSIM = dict(
+    gaussian_weights=True,
+    sigma=1.5,
+    use_sample_covariance=False,
+    data_range=255,
+    channel_axis=-1,
+)
+
+
+def ref_ssim(a, b):
+    pairs = zip(a, b, strict=True)
+    return np.array([skm.structural_similarity(x, y, **SKIMAGE_SSIM) for x, y in pairs])
+
+
+def ref_psnr(a, b):
+    pairs = zip(a, b, strict=True)
+    return np.array([skm.peak_signal_noise_ratio(x, y, data_range=255) for x, y in pairs])
+
+
+@functools.cache
+def real(n, size):
+    return photos(n, size)
+
+
+def noisy(a, amount, seed):
+    rng = np.random.default_rng(seed)
+    return np.clip(a.astype(int) + rng.integers(-amount, amount + 1, a.shape), 0, 255).astype(
+        np.uint8
+    )
+
+
+def pairs(kind, h, w):
+    rng = np.random.default_rng(h * 100 + w)
+    if kind == "photo":
+        a = real(6, h)
+        return a, noisy(a, 20, 1)
+    a = rng.integers(0, 256, (5, h, w, 3), dtype=np.uint8)
+    if kind == "random-near":
+        return a, noisy(a, 40, 2)
+    return a, rng.integers(0, 256, a.shape, dtype=np.uint8)  # independent: SSIM near 0
+
+
+CASES = [(k, s, s) for s in (11, 16, 32) for k in ("random-near", "random-far")]
+CASES += [("random-near", 16, 24), ("photo", 16, 16), ("photo", 32, 32)]
+
+
+@pytest.mark.parametrize("kind,h,w", CASES)
+def test_psnr_ssim_equal_skimage_in_float64(kind, h, w):
+    a, b = pairs(kind, h, w)
+    with jax.enable_x64(True):
+        s = np.asarray(jax.jit(ssim)(a, b))
+        p = np.asarray(jax.jit(psnr)(a, b))
+    assert s.dtype == np.float64 and s.shape == (a.shape[0],)
+    np.testing.assert_allclose(s, ref_ssim(a, b), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(p, ref_psnr(a, b), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind,h,w", [("random-near", 16, 16), ("photo", 32, 32)])
+def test_psnr_ssim_float32_within_1e5_of_skimage(kind, h, w):
+    a, b = pairs(kind, h, w)
+    s, p = np.asarray(jax.jit(ssim)(a, b)), np.asarray(jax.jit(psnr)(a, b))
+    assert s.dtype == np.float32
+    np.testing.assert_allclose(s, ref_ssim(a, b), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(p, ref_psnr(a, b), rtol=0, atol=1e-5)
+
+
+def test_ssim_refuses_images_below_the_window_as_skimage():
+    a = np.zeros((1, 10, 16, 3), np.uint8)
+    with pytest.raises(ValueError, match="win_size exceeds"):
+        skm.structural_similarity(a[0], a[0], **SKIMAGE_SSIM)
+    with pytest.raises(ValueError, match="at least 11 px"):
+        ssim(a, a)
+
+
+def test_identical_images_give_ssim_1_and_psnr_inf():
+    a = real(2, 16)
+    with jax.enable_x64(True):
+        np.testing.assert_allclose(np.asarray(ssim(a, a)), 1.0, atol=1e-12)
+        assert np.isinf(np.asarray(psnr(a, a))).all()
+
+
+def test_bad_batches_are_named():
+    a = np.zeros((2, 16, 16, 3), np.uint8)
+    with pytest.raises(ValueError, match="differ in shape"):
+        ssim(a, a[:1])
+    with pytest.raises(ValueError, match=r"\(B, H, W, C\)"):
+        psnr(a[0], a[0])
+    with pytest.raises(ValueError, match="int32"):
+        ssim(a, a.astype(np.int32))
+
+
+# The Fréchet distance
+
+
+@pytest.mark.parametrize("method", ["sqrtm", "eigh"])
+def test_frechet_of_diagonal_gaussians_is_closed_form(method):
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
+    a, b = rng.uniform(0.1, 3, 8), rng.uniform(0.1, 3, 8)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    got = frechet_distance(mu1, np.diag(a), mu2, np.diag(b), method=method)
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert frechet_distance(mu1, np.diag(a), mu1, np.diag(a), method=method) == pytest.approx(
+        0, abs=1e-12
+    )
+
+
+def eigvals_reference(mu1, s1, mu2, s2):
+    """tr sqrt(s1 s2) as the sum of square roots of the (real, >= 0) eigenvalues of s1 s2."""
+    ev = np.clip(np.linalg.eigvals(s1 @ s2).real, 0, None)
+    return np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(ev).sum()
+
+
+@pytest.mark.parametrize("n", [200, 30])  # full rank, and rank-deficient (n < d)
+@pytest.mark.parametrize("method", ["sqrtm", "eigh"])
+def test_frechet_of_random_covariances_equals_an_eigenvalue_reference(n, method):
+    rng = np.random.default_rng(n)
+    x, y = rng.normal(size=(n, 64)), np.abs(rng.normal(size=(n, 64))) * 1.2 + 0.1
+    g1 = Gaussian(x.mean(0), np.cov(x, rowvar=False))
+    g2 = Gaussian(y.mean(0), np.cov(y, rowvar=False))
+    got = frechet_distance(g1.mu, g1.sigma, g2.mu, g2.sigma, method=method)
+    assert got == pytest.approx(eigvals_reference(g1.mu, g1.sigma, g2.mu, g2.sigma), rel=1e-6)
+
+
+def test_frechet_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="sigma2 has shape"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
+    with pytest.raises(ValueError, match="means differ"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="method"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3), method="svd")
+
+
+# Feature statistics
+
+
+def test_streaming_stats_equal_numpy_mean_and_cov_across_batches_and_processes():
+    rng = np.random.default_rng(0)
+    f = (rng.normal(size=(101, 16)) * 3 + 5).astype(np.float32)
+    one = FeatureStats(16)
+    for lo, hi in ((0, 7), (7, 50), (50, 101)):
+        one.update(f[lo:hi])
+    mu, sigma = f.astype(np.float64).mean(0), np.cov(f.astype(np.float64), rowvar=False)
+    np.testing.assert_allclose(one.gaussian().mu, mu, rtol=1e-12)
+    np.testing.assert_allclose(one.gaussian().sigma, sigma, rtol=1e-10, atol=1e-12)
+    a, b = FeatureStats(16), FeatureStats(16)
+    a.update(f[:40])
+    b.update(f[40:])
+    summed = FeatureStats.from_state(a.state() + b.state(), 16)  # as an all-reduce would
+    a.merge(b)
+    for s in (a, summed):
+        assert s.count == 101
+        np.testing.assert_allclose(s.gaussian().sigma, one.gaussian().sigma, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"\(N, 16\)"):
+        one.update(f[:, :8])
+    with pytest.raises(ValueError, match="2 or more"):
+        FeatureStats(4).gaussian()
+
+
+def test_stats_files_in_pytorch_fid_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    g = Gaussian(rng.normal(size=6), np.cov(rng.normal(size=(20, 6)), rowvar=False))
+    path = write_stats(tmp_path / "ours.npz", g)
+    with np.load(path) as f:  # as pytorch-fid reads it
+        assert sorted(f.files) == ["mu", "sigma"]
+        np.testing.assert_array_equal(f["mu"], g.mu)
+    np.savez_compressed(tmp_path / "theirs.npz", mu=g.mu.astype(np.float32), sigma=g.sigma)
+    back = read_stats(tmp_path / "theirs.npz")
+    assert back.mu.dtype == np.float64
+    np.testing.assert_allclose(back.mu, g.mu, rtol=1e-6)
+    np.testing.assert_array_equal(back.sigma, g.sigma)
+
+
+def test_adm_reference_batch_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    mu, sigma = rng.normal(size=4), np.eye(4)
+    path = tmp_path / "VIRTUAL_tiny.npz"
+    np.savez(path, arr_0=images, mu=mu, sigma=sigma, mu_s=mu[:2], sigma_s=np.eye(2) * 2)
+    ref = read_adm_reference(path)
+    np.testing.assert_array_equal(ref.pool.mu, mu)
+    np.testing.assert_array_equal(ref.spatial.sigma, np.eye(2) * 2)
+    np.testing.assert_array_equal(ref.images(), images)
+    np.testing.assert_array_equal(read_stats(path).mu, mu)  # its pool statistics
+
+
+def test_bad_stats_files_are_one_line_naming_file_and_key(tmp_path):
+    np.savez(tmp_path / "nosigma.npz", mu=np.zeros(3))
+    np.savez(tmp_path / "nospatial.npz", mu=np.zeros(3), sigma=np.eye(3))
+    np.savez(tmp_path / "shape.npz", mu=np.zeros(3), sigma=np.eye(4))
+    np.save(tmp_path / "single.npy", np.zeros(3))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip at all")
+    cases = [
+        (read_stats, "nosigma.npz", "no 'sigma' array"),
+        (read_adm_reference, "nospatial.npz", "no 'mu_s' array"),
+        (read_stats, "shape.npz", r"are not \(D,\) and \(D, D\)"),
+        (read_stats, "single.npy", "single .npy array"),
+        (read_stats, "junk.npz", "not a NumPy .npz file"),
+    ]
+    for fn, name, what in cases:
+        with pytest.raises(ValueError, match=what) as e:
+            fn(tmp_path / name)
+        assert name in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(FileNotFoundError, match="missing.npz: no such statistics file"):
+        read_stats(tmp_path / "missing.npz")
+    np.savez(tmp_path / "noimages.npz", mu=np.zeros(3), sigma=np.eye(3), mu_s=[0.0], sigma_s=[[1]])
+    with pytest.raises(ValueError, match="noimages.npz: no 'arr_0'"):
+        read_adm_reference(tmp_path / "noimages.npz").images()
+
+
+# The accumulator
+
+
+def test_accumulator_means_equal_skimage_over_every_batch():
+    a = real(6, 32)
+    b = noisy(a, 20, 3)
+    m = ReconstructionMetrics()
+    m.update(a[:4], b[:4])
+    m.update(a[4:], b[4:])
+    r = m.result()
+    assert r["count"] == 6 and r["identical"] == 0
+    assert r["ssim"] == pytest.approx(ref_ssim(a, b).mean(), abs=1e-10)
+    assert r["psnr"] == pytest.approx(ref_psnr(a, b).mean(), abs=1e-10)
+    other = ReconstructionMetrics()
+    other.update(a[:4], b[:4])
+    rest = ReconstructionMetrics()
+    rest.update(a[4:], b[4:])
+    other.merge(rest)
+    assert other.result() == r
+
+
+def test_accumulator_counts_identical_pairs_and_refuses_floats_and_nothing():
+    a = real(2, 16)
+    m = ReconstructionMetrics()
+    with pytest.raises(ValueError, match="no images"):
+        m.result()
+    m.update(a, a)
+    assert m.result()["identical"] == 2 and np.isinf(m.result()["psnr"])
+    with pytest.raises(ValueError, match="reconstructions must be uint8.*float32"):
+        m.update(a, a.astype(np.float32))
+
+
+class Counting:
+    """A stand-in for a feature metric plugged into the accumulator's seam."""
+
+    def __init__(self, key="seen"):
+        self.key, self.n = key, 0
+
+    def update(self, originals, reconstructions):
+        assert originals.dtype == reconstructions.dtype == np.uint8
+        self.n += originals.shape[0]
+
+    def result(self):
+        return {self.key: self.n}
+
+
+def test_accumulator_feeds_extra_metrics_and_joins_their_figures():
+    a = real(3, 16)
+    m = ReconstructionMetrics(extra=[Counting()])
+    m.update(a, a)
+    m.update(a[:1], a[:1])
+    assert m.result()["seen"] == 4 and m.result()["count"] == 4
+    clash = ReconstructionMetrics(extra=[Counting("ssim")])
+    clash.update(a, a)
+    with pytest.raises(ValueError, match=r"reports \['ssim'\] again"):
+        clash.result()
