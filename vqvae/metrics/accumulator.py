@@ -32,8 +32,10 @@ def _per_image(a, b):
     return psnr(a, b), ssim(a, b)
 
 
-def _as_uint8(x, name: str) -> np.ndarray:
-    x = np.asarray(x)
+def _as_uint8(x, name: str):
+    """x as given if a JAX array (kept on its devices), else as a NumPy array; uint8 only."""
+    if not isinstance(x, jax.Array):
+        x = np.asarray(x)
     if x.dtype != np.uint8:
         raise ValueError(
             f"ReconstructionMetrics: {name} must be uint8 images (round reconstructions to "
