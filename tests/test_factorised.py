@@ -151,3 +151,25 @@ def test_report_names_the_stored_codes_width():
     assert figures["inference_weights"] - plain["inference_weights"] == (
         2 * 64 * 8 + 8 + 64 + 16384 * 8 - 512 * 64
     )
+
+
+def test_kmeans_init_in_training_seeds_a_gradient_learned_factorised_codebook(tmp_path):
+    """kmeans_init writes the codebook where it lives: among the parameters when it is
+    gradient-learned (it was dropped there, only the non-parameter state was kept)."""
+    from vqvae.trainer import Trainer
+
+    from .conftest import config
+
+    c = config(kmeans_init=True, num_devices=1)
+    c.model.quantizer.update(learning="gradient", codebook_dim=4, normalize=True)
+    trainer = Trainer(c, tmp_path)
+    plain = trainer.init_state()["params"]["quantizer"]
+    state, _, _ = trainer.restore_or_init()
+    codebook = np.asarray(state["params"]["quantizer"]["codebook"].get_value())
+    assert not np.allclose(codebook, plain["codebook"].get_value())
+    np.testing.assert_allclose(np.linalg.norm(codebook, axis=-1), 1.0, rtol=1e-5)
+    # the projections are left as they were: k-means ran on their outputs
+    np.testing.assert_array_equal(
+        state["params"]["quantizer"]["project_in"]["kernel"].get_value(),
+        plain["project_in"]["kernel"].get_value(),
+    )

@@ -225,12 +225,13 @@ class TokenizerTask(Task):
         def init(params, rest, images):
             model = nnx.merge(graphdef, params, rest, copy=True)
             model.quantizer.init_from_batch(model.encode(to_model_range(images)), key)
-            return nnx.state(model, nnx.Not(nnx.Param))
+            # both: a gradient-learned codebook is a parameter, an EMA one state
+            return nnx.state(model, nnx.Param), nnx.state(model, nnx.Not(nnx.Param))
 
-        fn = jax.jit(init, out_shardings=shardings["rest"])
-        rest = fn(state["params"], state["rest"], first_batch["image"])
+        fn = jax.jit(init, out_shardings=(shardings["params"], shardings["rest"]))
+        params, rest = fn(state["params"], state["rest"], first_batch["image"])
         log.info("codebook initialised by k-means on the first batch")
-        return {**state, "rest": rest}
+        return {**state, "params": params, "rest": rest}
 
     def eval_step(self, graphdef):
         def sums(state, batch):
