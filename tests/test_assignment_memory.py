@@ -42,6 +42,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a subprocess per case
 @pytest.mark.parametrize("precision", ["highest", "rerank"])
 def test_65536_by_65536_assignment_runs_in_under_1gb_extra_memory(precision):
     script = f"PRECISION = {precision!r}\n" + SCRIPT
