@@ -83,8 +83,8 @@ logging.getLogger("asyncio").addFilter(_QuietOrbax())  # "Future exception was n
 def _drop_closed_loop_noise(previous):
     """When a restore fails, tensorstore's pending callbacks reach orbax's event loop after
     it closed, and each prints a 'RuntimeError: Event loop is closed' traceback. That one
-    message is dropped, and so is a full disk met at exit (TensorBoard's writer flushing):
-    the run reports that in one line. Every other unraisable exception goes to the
+    message is dropped, and so is a full disk met at exit (a writer flushing): the run
+    reports that in one line. Every other unraisable exception goes to the
     previous hook."""
 
     def hook(unraisable):
@@ -97,8 +97,8 @@ def _drop_closed_loop_noise(previous):
 
 
 def _drop_disk_full_in_threads(previous):
-    """A background writer's thread (TensorBoard's) that dies of a full disk prints a
-    traceback; the run's next write meets the same disk and says so in one line."""
+    """A background writer's thread (orbax's) that dies of a full disk prints a traceback;
+    the run's next write meets the same disk and says so in one line."""
 
     def hook(args):
         if not disk_full(args.exc_value):

@@ -99,10 +99,7 @@ class MetricsLog:
         self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115
         self.tb = None
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            # purge_step: TensorBoard hides the events a resumed run writes again
-            self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1)
+            self.tb = Events(workdir / "tensorboard", purge_step=start + 1)
 
     def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
         if not self.writes:
@@ -110,8 +107,7 @@ class MetricsLog:
         self.jsonl.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(f"{split}/{k}", v, step)
+            self.tb.scalars(step, {f"{split}/{k}": v for k, v in metrics.items()})
 
     def views(self, step: int, views: dict) -> None:
         """An evaluation's pictures: ``grid`` (the evaluation grid) and ``code_counts``."""
@@ -123,7 +119,7 @@ class MetricsLog:
     def image(self, step: int, tag: str, image: np.ndarray) -> None:
         """A uint8 image (H, W, C) in TensorBoard's Images tab (the evaluation grid)."""
         if self.writes and self.tb is not None:
-            self.tb.add_image(tag, image, step, dataformats="HWC")
+            self.tb.image(step, tag, image)
 
     def code_usage(self, step: int, counts: np.ndarray, max_bins: int = 512) -> None:
         """How often each code was used, (levels, K) counts, as TensorBoard histograms over
@@ -139,7 +135,8 @@ class MetricsLog:
             ids = np.arange(k, dtype=np.float64)
             n = c.sum()
             tag = "codes/usage" if len(counts) == 1 else f"codes/usage_level{level}"
-            self.tb.add_histogram_raw(
+            self.tb.histogram_raw(
+                step,
                 tag,
                 min=0.0,
                 max=float(k - 1),
@@ -148,15 +145,64 @@ class MetricsLog:
                 sum_squares=float((ids * ids) @ c),
                 bucket_limits=(np.arange(1, len(binned) + 1) * width - 0.5).tolist(),
                 bucket_counts=binned.tolist(),
-                global_step=step,
             )
 
     def close(self) -> None:
         if not self.writes:
             return
-        self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()
+        try:
+            self.jsonl.close()
+        finally:
+            if self.tb is not None:
+                self.tb.close()
+
+
+class Events:
+    """A TensorBoard event file written in the caller's thread, flushed after each record.
+
+    No background writer: an error (a full disk) is raised by the call that met it, and
+    nothing is left running to fail at exit. ``purge_step``: TensorBoard hides what an
+    earlier run of the same folder logged from that step on (a resumed run logs it again).
+    """
+
+    def __init__(self, logdir: Path, purge_step: int | None = None):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        self._event = Event
+        Path(logdir).mkdir(parents=True, exist_ok=True)
+        self._writer = EventsWriter(str(Path(logdir) / "events"))  # writes the file version
+        if purge_step is not None:
+            start = SessionLog(status=SessionLog.START)
+            self._writer.write_event(Event(step=purge_step, session_log=start))
+        self._writer.flush()
+
+    def _write(self, step: int, summaries: list) -> None:
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        merged = Summary(value=[v for s in summaries for v in s.value])
+        self._writer.write_event(self._event(wall_time=time.time(), step=step, summary=merged))
+        self._writer.flush()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        from tensorboardX.summary import scalar
+
+        self._write(step, [scalar(tag, float(v)) for tag, v in values.items()])
+
+    def image(self, step: int, tag: str, image: np.ndarray) -> None:
+        """A uint8 image (H, W, C)."""
+        from tensorboardX.summary import image as image_summary
+
+        self._write(step, [image_summary(tag, image, dataformats="HWC")])
+
+    def histogram_raw(self, step: int, tag: str, **counts) -> None:
+        """A histogram from its bucket limits and counts (TensorBoard's Histograms tab)."""
+        from tensorboardX.summary import histogram_raw
+
+        self._write(step, [histogram_raw(tag, **counts)])
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 class Progress:

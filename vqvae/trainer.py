@@ -386,12 +386,15 @@ class Trainer:
                 )  # the same words as distributed.PEER_HINT, with the step
             raise
         finally:
-            watchdog.stop()
-            progress.close()
-            self.ckpt.wait()
-            if "best_ckpt" in self.__dict__:
-                self.best_ckpt.wait()
-            metrics_log.close()
+            # each closer runs even when one before it raises (a checkpoint write that met
+            # a full disk): a writer left open keeps a thread that dies noisily at exit
+            with contextlib.ExitStack() as closing:
+                closing.callback(metrics_log.close)
+                if "best_ckpt" in self.__dict__:
+                    closing.callback(self.best_ckpt.wait)
+                closing.callback(self.ckpt.wait)
+                closing.callback(progress.close)
+                closing.callback(watchdog.stop)
         self._report_unreadable()
         self.state = state
         return eval_metrics
