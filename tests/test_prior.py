@@ -116,7 +116,7 @@ def test_out_of_range_class_labels_are_a_clear_error():
 
 
 def test_top_k_keeps_exactly_k_ids_when_scores_tie():
-    from vqvae.prior import _pick
+    from vqvae.prior import pick as _pick
 
     logits = jnp.asarray([[5.0, 1.0, 1.0, 1.0, 1.0, 0.0]])  # four ids tie at the 2nd score
     keys = jax.random.split(jax.random.key(0), 400)
@@ -224,3 +224,92 @@ def test_the_default_prior_keeps_its_best_and_holds_out_enough_of_an_export():
     tiles = len(make_source({"source": "sample_photos"}, image_size=size, train=True))
     assert tiles * c.data.val_fraction >= 100  # the export's held-out grids: about 100, not 20
     assert c.eval_batches == 0  # every one of them evaluated
+
+
+def test_label_dropout_drops_at_its_rate_and_keeps_the_unlabelled():
+    from vqvae.prior import drop_labels
+
+    labels = jnp.asarray(np.arange(20_000) % 3, jnp.int32).at[:1000].set(-1)
+    dropped = np.asarray(drop_labels(jax.random.key(0), labels, 0.1))
+    kept = dropped[1000:] == np.asarray(labels[1000:])
+    assert set(np.unique(dropped[1000:][~kept])) == {-1}  # a dropped label becomes -1
+    assert (dropped[:1000] == -1).all()
+    assert abs((~kept).mean() - 0.1) < 0.01  # 19,000 draws: 4 standard deviations is 0.009
+    np.testing.assert_array_equal(drop_labels(jax.random.key(0), labels, 0.0), labels)
+    again = np.asarray(drop_labels(jax.random.key(0), labels, 0.1))
+    np.testing.assert_array_equal(again, dropped)  # the same key drops the same ones
+
+
+def _guided_reference(model, key, labels, scale, schedule, top_k=0, top_p=1.0):
+    """Guided sampling by two separate full forwards per position (no cache, no batching
+    of the conditional and unconditional rows), the logits mixed by the formula."""
+    from vqvae.prior import pick
+
+    b, n = labels.shape[0], model.seq_len
+    tokens = jnp.zeros((b, n), jnp.int32)
+    for t in range(n):
+        cond = model(tokens, labels)[:, t]
+        uncond = model(tokens, jnp.full_like(labels, -1))[:, t]
+        s = scale if schedule == "constant" else 1 + (scale - 1) * t / (n - 1)
+        logits = uncond + s * (cond - uncond)
+        tokens = tokens.at[:, t].set(pick(logits, jax.random.fold_in(key, t), 1.0, top_k, top_p))
+    return tokens
+
+
+@pytest.mark.parametrize("schedule,top_k,top_p", [("constant", 0, 1.0), ("linear", 4, 0.8)])
+def test_guided_cached_sampling_equals_the_formula_and_uncached_sampling(schedule, top_k, top_p):
+    model = SMALL.build(nnx.Rngs(5))
+    graphdef, state = nnx.split(model)
+    labels = jnp.asarray([0, 1, 2, 2], jnp.int32)
+    kw = dict(top_k=top_k, top_p=top_p, cfg_scale=3.0, cfg_schedule=schedule)
+
+    @jax.jit
+    def both(state, key):
+        m = nnx.merge(graphdef, state)
+        return sample(m, key, labels, cached=True, **kw), sample(m, key, labels, cached=False, **kw)
+
+    cached, full = both(state, jax.random.key(7))
+    np.testing.assert_array_equal(cached, full)
+    np.testing.assert_array_equal(
+        cached, _guided_reference(model, jax.random.key(7), labels, 3.0, schedule, top_k, top_p)
+    )
+    plain = sample(model, jax.random.key(7), labels, top_k=top_k, top_p=top_p)
+    assert not np.array_equal(cached, plain)  # guidance changed the samples
+    unit = sample(model, jax.random.key(7), labels, top_k=top_k, top_p=top_p, cfg_scale=1.0)
+    np.testing.assert_array_equal(unit, plain)  # scale 1 is no guidance
+
+
+def test_guided_sampling_works_for_residual_levels():
+    cfg = PriorConfig(
+        vocab_size=16, grid=(2, 2), levels=3, num_classes=2, width=16, depth=1, heads=2
+    )
+    model = cfg.build(nnx.Rngs(0))
+    labels = jnp.asarray([0, 1], jnp.int32)
+    a = sample(model, jax.random.key(1), labels, cfg_scale=2.0, cached=True)
+    b = sample(model, jax.random.key(1), labels, cfg_scale=2.0, cached=False)
+    assert a.shape == (2, 12)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    from vqvae.prior import pick
+
+    probs = jnp.asarray([[0.5, 0.3, 0.15, 0.05]])
+    keys = jax.random.split(jax.random.key(0), 400)
+    picked = {int(pick(jnp.log(probs), k, 1.0, 0, top_p=0.8)[0]) for k in keys}
+    assert picked == {0, 1}  # 0.5 + 0.3 reaches 0.8
+    picked = {int(pick(jnp.log(probs), k, 1.0, 0, top_p=0.81)[0]) for k in keys}
+    assert picked == {0, 1, 2}
+
+
+def test_sampling_settings_out_of_range_are_one_line_errors():
+    from vqvae.prior import check_sampling
+
+    for kw, said in [
+        (dict(temperature=0), "temperature must be positive"),
+        (dict(top_p=0), "top_p must be in"),
+        (dict(cfg_scale=-1), "cfg_scale must be at least 0"),
+        (dict(cfg_schedule="cosine"), "cfg schedule must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=said):
+            check_sampling(**kw)

@@ -6,6 +6,11 @@ to fine (the order of ``tokens.reshape(B, -1)`` on (B, h, w, levels)). The input
 a start token (one per class when class-conditional, plus an unconditional one), then the
 tokens shifted right; the output at position t predicts token t. Sampling runs one position
 at a time with a key/value cache, so each new token costs one position's work.
+
+Classifier-free guidance: trained with labels dropped to the unconditional start token at a
+rate (``drop_labels``), the prior is sampled with logits ``u + s * (c - u)`` from the
+conditional ``c`` and unconditional ``u`` ones, both rows of one batched forward (2B) sharing
+one key/value cache, so guidance costs no second pass over the prefix.
 """
 
 import dataclasses
@@ -101,11 +106,11 @@ class Block(nnx.Module):
         x = x + self.out(attended.reshape(x.shape))
         return x + self.down(jax.nn.gelu(self.up(self.norm2(x))))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Whole sequence x (B, L, W) -> (B, L, W), causal."""
+    def __call__(self, x: jax.Array, causal: bool = True) -> jax.Array:
+        """Whole sequence x (B, L, W) -> (B, L, W), causal (or bidirectional)."""
         q, k, v = self._qkv(x)
         n = x.shape[1]
-        mask = jnp.tril(jnp.ones((n, n), bool))
+        mask = jnp.tril(jnp.ones((n, n), bool)) if causal else jnp.ones((n, n), bool)
         return self._finish(x, attend(q, k, v, mask))
 
     def step(self, x: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
@@ -188,6 +193,14 @@ class Prior(nnx.Module):
         return self.head(self.norm(x))[:, 0].astype(jnp.float32), new
 
 
+def drop_labels(key: jax.Array, labels: jax.Array, rate: float) -> jax.Array:
+    """labels (B,) with each one replaced by -1 (unconditional) at probability ``rate``: the
+    training that lets one model give both logits classifier-free guidance mixes."""
+    if rate <= 0:
+        return labels
+    return jnp.where(jax.random.uniform(key, labels.shape) < rate, -1, labels)
+
+
 def prior_loss(model: Prior, tokens: jax.Array, labels: jax.Array):
     """Mean cross-entropy in nats per token; tokens (B, h, w[, levels]) or (B, L)."""
     tokens = tokens.reshape(tokens.shape[0], -1)
@@ -196,17 +209,46 @@ def prior_loss(model: Prior, tokens: jax.Array, labels: jax.Array):
     return nats, {"loss": nats, "bits_per_token": nats / math.log(2)}
 
 
-def _pick(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
-    """Sample ids (B,) from logits (B, V) at ``temperature``, among the ``top_k`` best.
+CFG_SCHEDULES = ("constant", "linear")
+
+
+def cfg_scale_at(scale: float, schedule: str, frac: jax.Array) -> jax.Array:
+    """The guidance scale at ``frac`` in [0, 1] of the way through sampling: ``constant``
+    (``scale`` throughout) or ``linear`` (1, no guidance, at the start to ``scale`` at the
+    end, as VAR and MUSE ramp it)."""
+    if schedule == "constant":
+        return jnp.float32(scale)
+    if schedule == "linear":
+        return 1.0 + (scale - 1.0) * frac
+    raise ValueError(f"cfg schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
+
+
+def guide(logits: jax.Array, scale: jax.Array) -> jax.Array:
+    """Guided logits (B, ..., V) from the stacked (2B, ..., V): conditional rows first, then
+    the unconditional: ``u + scale * (c - u)``."""
+    cond, uncond = jnp.split(logits, 2, axis=0)
+    return uncond + scale * (cond - uncond)
+
+
+def pick(
+    logits: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float = 1.0
+) -> jax.Array:
+    """Sample ids (...,) from logits (..., V) at ``temperature``, among the ``top_k`` best
+    and the smallest set of best ids whose probability reaches ``top_p`` (nucleus).
 
     Exactly ``top_k`` candidates are kept: where several ids tie at the k-th score, the
     lower ids are kept (as ``jax.lax.top_k`` orders them).
     """
     logits = logits / max(temperature, 1e-6)
-    if 0 < top_k < logits.shape[-1]:
-        best, ids = jax.lax.top_k(logits, top_k)  # (B, k) each
-        choice = jax.random.categorical(key, best)  # (B,) positions among the k
-        return jnp.take_along_axis(ids, choice[:, None], axis=1)[:, 0].astype(jnp.int32)
+    if 0 < top_k < logits.shape[-1] or top_p < 1.0:
+        k = top_k if 0 < top_k < logits.shape[-1] else logits.shape[-1]
+        best, ids = jax.lax.top_k(logits, k)  # (..., k) each, best first
+        if top_p < 1.0:  # drop the ids after the first whose cumulative probability >= top_p
+            probs = jax.nn.softmax(best, axis=-1)
+            before = jnp.cumsum(probs, axis=-1) - probs  # mass of the better ids
+            best = jnp.where(before < top_p, best, -jnp.inf)
+        choice = jax.random.categorical(key, best)  # (...,) positions among the k
+        return jnp.take_along_axis(ids, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
     return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
@@ -217,30 +259,72 @@ def sample(
     *,
     temperature: float = 1.0,
     top_k: int = 0,
+    top_p: float = 1.0,
+    cfg_scale: float = 1.0,
+    cfg_schedule: str = "constant",
     cached: bool = True,
 ) -> jax.Array:
     """Token sequences (B, L) for labels (B,) (-1: unconditional). Position t uses the key
-    ``fold_in(key, t)``, so cached and uncached sampling give the same tokens."""
+    ``fold_in(key, t)``, so cached and uncached sampling give the same tokens.
+
+    ``cfg_scale`` other than 1 samples with classifier-free guidance: the batch runs doubled
+    (the labels, then unconditional), and position t's logits are mixed at
+    ``cfg_scale_at(cfg_scale, cfg_schedule, t / (L - 1))``.
+    """
     model.check_labels(labels)
     b, n = labels.shape[0], model.seq_len
-    tokens = jnp.zeros((b, n), jnp.int32)
+    guided = cfg_scale != 1.0 or cfg_schedule != "constant"
+    cfg_scale_at(cfg_scale, cfg_schedule, 0.0)  # a bad schedule name fails here, in one line
+    rows = jnp.concatenate([labels, jnp.full_like(labels, -1)]) if guided else labels
 
+    def choose(logits, t):  # logits (2B or B, V) -> ids (B,)
+        if guided:
+            logits = guide(logits, cfg_scale_at(cfg_scale, cfg_schedule, t / max(n - 1, 1)))
+        return pick(logits, jax.random.fold_in(key, t), temperature, top_k, top_p)
+
+    def both(ids):  # the guided batch carries the chosen tokens in both its halves
+        return jnp.concatenate([ids, ids]) if guided else ids
+
+    tokens = jnp.zeros((b, n), jnp.int32)
     if cached:
 
         def body(t, carry):
             tokens, prev, cache = carry
             logits, cache = model.step(prev, t, cache)
-            new = _pick(logits, jax.random.fold_in(key, t), temperature, top_k)
-            return tokens.at[:, t].set(new), new, cache
+            new = choose(logits, t)
+            return tokens.at[:, t].set(new), both(new), cache
 
-        init = (tokens, model.start_tokens(labels), model.init_cache(b))
+        init = (tokens, model.start_tokens(rows), model.init_cache(len(rows)))
         return jax.lax.fori_loop(0, n, body, init)[0]
 
     def full(t, tokens):  # recompute the whole prefix every step: quadratic, for checking
-        logits = model(tokens, labels)[:, t]
-        return tokens.at[:, t].set(_pick(logits, jax.random.fold_in(key, t), temperature, top_k))
+        logits = model(both(tokens), rows)[:, t]
+        return tokens.at[:, t].set(choose(logits, t))
 
     return jax.lax.fori_loop(0, n, full, tokens)
+
+
+SAMPLING = ("temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule")
+
+
+def check_sampling(
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    cfg_scale: float = 1.0,
+    cfg_schedule: str = "constant",
+) -> None:
+    """One-line errors for sampling settings out of range."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be 0 (all) or positive, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if cfg_scale < 0:
+        raise ValueError(f"cfg_scale must be at least 0, got {cfg_scale}")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
 
 
 class TokenPrior:
@@ -260,16 +344,15 @@ class TokenPrior:
         self.config = PriorConfig.from_dict(meta["model"])
         graphdef, self._state = nnx.split(model)
 
-        def draw(state, key, labels, temperature, top_k):
-            prior = nnx.merge(graphdef, state)
-            return sample(prior, key, labels, temperature=temperature, top_k=top_k)
+        def draw(state, key, labels, **kw):
+            return sample(nnx.merge(graphdef, state), key, labels, **kw)
 
         def bits(state, tokens, labels):
             logits = nnx.merge(graphdef, state)(tokens, labels)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
             return ce.mean(axis=1) / math.log(2)
 
-        self._draw = jax.jit(draw, static_argnames=("temperature", "top_k"))
+        self._draw = jax.jit(draw, static_argnames=SAMPLING)
         self._bits = jax.jit(bits)
         self._tokenizer = None
 
@@ -304,17 +387,16 @@ class TokenPrior:
         self.model.check_labels(labels)
         return jnp.asarray(labels)
 
-    def sample(
-        self, num: int, *, label=-1, temperature: float = 1.0, top_k: int = 0, seed: int = 0
-    ) -> np.ndarray:
+    def sample(self, num: int, *, label=-1, seed: int = 0, **kw) -> np.ndarray:
         """``num`` token grids int32 (num, h, w) (or (num, h, w, levels)); ``label`` one
-        class or one per grid (-1: unconditional). The same seed gives the same grids."""
+        class or one per grid (-1: unconditional); ``kw``: ``sample``'s settings
+        (temperature, top_k, top_p, cfg_scale, cfg_schedule). The same seed gives the
+        same grids."""
         if num < 1:
             raise ValueError(f"num must be at least 1, got {num}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+        check_sampling(**kw)
         key = jax.random.key(seed)
-        tokens = self._draw(self._state, key, self._labels(num, label), temperature, top_k)
+        tokens = self._draw(self._state, key, self._labels(num, label), **kw)
         return np.asarray(tokens).reshape(num, *self.config.token_shape)
 
     def generate(self, num: int, **kw) -> np.ndarray:

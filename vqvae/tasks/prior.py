@@ -3,18 +3,23 @@
 Batches are token grids: from exported shards (``tokens:PATH``), or encoded on the fly from
 an image source by the tokenizer in ``config.tokenizer``. Evaluation is held-out
 cross-entropy in bits per token and per image dimension.
+
+With ``label_dropout`` each training label is dropped to unconditional at that rate (a key
+drawn from the seed and the step, so a resumed run drops the same ones), which is what
+classifier-free guidance needs of the model.
 """
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from vqvae.prior import PriorConfig, prior_loss
+from vqvae.prior import PriorConfig, drop_labels, prior_loss
 from vqvae.sources import DataError, make_source, read_token_manifest
-from vqvae.tasks.base import Task
+from vqvae.tasks.base import Task, make_train_step
 from vqvae.tokenizer import Tokenizer
 
 
@@ -41,6 +46,29 @@ class PriorTask(Task):
 
     def loss(self, model, batch):
         return prior_loss(model, batch["tokens"], batch["label"])
+
+    @property
+    def label_dropout(self) -> float:
+        rate = float(self.config.get("label_dropout", 0.0))
+        if not 0 <= rate < 1:
+            raise ValueError(f"label_dropout must be in [0, 1), got {rate}")
+        return rate
+
+    def step_key(self, step: jax.Array) -> jax.Array:
+        """The step's random key: from the seed and the step alone (resumes draw the same)."""
+        return jax.random.fold_in(jax.random.key(self.config.seed), step)
+
+    def train_step(self, graphdef):
+        """The loop's step, with the labels dropped at ``label_dropout`` first; the step's
+        key is also passed to the loss as ``batch["key"]``."""
+        inner, rate = make_train_step(graphdef, self.tx, self.loss), self.label_dropout
+
+        def step(state, batch, consts=None):
+            key = self.step_key(state["step"])
+            labels = drop_labels(jax.random.fold_in(key, 0), batch["label"], rate)
+            return inner(state, {**batch, "label": labels, "key": key}, consts)
+
+        return step
 
     def source(self, train: bool):
         return make_source(
