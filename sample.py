@@ -10,9 +10,12 @@ examples:
       --out workdir/tokens/ [--split val]
   # the codebook alone, as codebook.npy and codebook.npz
   python sample.py --workdir workdir/default --mode codebook --out workdir/codebook/
-  # sample token grids from a trained prior and decode them with its tokenizer
+  # sample token grids from a trained prior or masked generator, decode with its tokenizer
   python sample.py --workdir workdir/prior --mode generate --num 64 --temperature 1.0 \\
       --top-k 0 --out workdir/prior/samples.png
+  # class 3 with classifier-free guidance; a masked generator in 8 steps
+  python sample.py --workdir workdir/prior --mode generate --label 3 --cfg-scale 3.0
+  python sample.py --workdir workdir/maskgit --mode generate --steps 8 --cfg-scale 2.0
 """
 
 import argparse
@@ -118,34 +121,61 @@ def export(workdir, mode, out, source, split, step) -> None:
     )
 
 
-def generate(workdir, out, num, temperature, top_k, label, seed, step) -> None:
+GENERATORS = ("prior", "maskgit")  # checkpoint kinds that --mode generate samples
+
+
+def load_generator(workdir, step):
+    """(kind, model, meta) of a prior's or a masked generator's checkpoint."""
+    from vqvae.checkpoint import CheckpointError, load_model
+
+    for kind in GENERATORS:
+        try:
+            return (kind, *load_model(workdir, step, kind=kind))
+        except CheckpointError as e:
+            if "holds a" not in str(e) or kind == GENERATORS[-1]:
+                raise
+
+
+def generate(workdir, out, num, label, seed, step, **settings) -> None:
+    """Sample ``num`` grids from a prior or masked generator, decode them, write a grid.
+    ``settings``: the sampler's (temperature, top_k, top_p, cfg_scale, cfg_schedule; the
+    masked generator's also steps and choice_temperature)."""
+    import time
+
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from vqvae.checkpoint import load_model
+    from vqvae import maskgit, prior
     from vqvae.logs import image_grid
-    from vqvae.prior import sample
     from vqvae.tokenizer import Tokenizer
 
-    prior, meta = load_model(workdir, step, kind="prior")
+    kind, model, meta = load_generator(workdir, step)
+    if label >= model.num_classes:
+        raise ValueError(f"--label {label}: the {kind} knows {model.num_classes} classes")
+    if kind == "prior":
+        settings.pop("steps"), settings.pop("choice_temperature")
+        sampler = prior.sample
+    else:
+        maskgit.decode_schedule(model.seq_len, settings["steps"])  # a bad --steps: one line
+        sampler = maskgit.sample
     tok = Tokenizer.load(meta["tokenizer"])
     labels = jnp.full((num,), label, jnp.int32)
-    if label >= prior.num_classes:
-        raise ValueError(f"--label {label}: the prior knows {prior.num_classes} classes")
-    graphdef, state = nnx.split(prior)
-    draw = jax.jit(
-        lambda state, key, labels: sample(
-            nnx.merge(graphdef, state), key, labels, temperature=temperature, top_k=top_k
-        )
-    )
-    tokens = np.asarray(draw(state, jax.random.key(seed), labels))
+    graphdef, state = nnx.split(model)
+    draw = jax.jit(lambda state, key: sampler(nnx.merge(graphdef, state), key, labels, **settings))
+    draw(state, jax.random.key(seed)).block_until_ready()  # compiled before the clock starts
+    t0 = time.perf_counter()
+    tokens = np.asarray(draw(state, jax.random.key(seed)))
+    seconds = time.perf_counter() - t0
     images = tok.decode(tokens.reshape(num, *tok.grid_shape(), *tok.token_levels))
     per_row = min(8, num)
     rows = [images[i : i + per_row] for i in range(0, num - num % per_row, per_row)]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     image_grid(rows, Path(out))
-    print(f"wrote {out}: {len(rows) * per_row} samples of {tok.grid_shape()} tokens")
+    print(
+        f"wrote {out}: {len(rows) * per_row} samples of {tok.grid_shape()} tokens from the "
+        f"{kind}, {num / max(seconds, 1e-9):,.1f} samples/s (sampling, after compiling)"
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -192,6 +222,23 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--temperature", type=float, default=1.0, help="generate: temperature")
     p.add_argument("--top-k", type=int, default=0, help="generate: keep the k best (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="generate: nucleus (1: all)")
+    p.add_argument(
+        "--cfg-scale", type=float, default=1.0, help="generate: classifier-free guidance (1: none)"
+    )
+    p.add_argument(
+        "--cfg-schedule",
+        default="constant",
+        choices=["constant", "linear"],
+        help="generate: guidance constant, or rising linearly from 1 to --cfg-scale",
+    )
+    p.add_argument("--steps", type=int, default=8, help="generate, maskgit: decoding steps")
+    p.add_argument(
+        "--choice-temperature",
+        type=float,
+        default=4.5,
+        help="generate, maskgit: weight of the annealed noise on which tokens to keep",
+    )
     p.add_argument("--label", type=int, default=-1, help="generate: class (-1: none)")
     p.add_argument("--seed", type=int, default=0, help="generate: random seed")
     return p
@@ -204,6 +251,8 @@ def main(argv=None) -> None:
         p.error(f"--num must be at least {0 if args.mode == 'recon' else 1}, got {args.num}")
     if args.temperature <= 0:
         p.error("--temperature must be positive")
+    if not 0 < args.top_p <= 1 or args.cfg_scale < 0 or args.top_k < 0:
+        p.error("--top-p must be in (0, 1], --cfg-scale and --top-k at least 0")
     split = args.split or ("val" if args.mode == "recon" else "train")
     if args.mode == "tokens" and split == "all":
         p.error("--split all is for recon; tokens export train or val")
@@ -222,11 +271,16 @@ def main(argv=None) -> None:
                 args.workdir,
                 out,
                 args.num,
-                args.temperature,
-                args.top_k,
                 args.label,
                 args.seed,
                 args.step,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                cfg_scale=args.cfg_scale,
+                cfg_schedule=args.cfg_schedule,
+                steps=args.steps,
+                choice_temperature=args.choice_temperature,
             )
         else:
             r = reconstruct(args.workdir, out, args.source, args.num, args.step, split)

@@ -1,7 +1,8 @@
 """Kinds of training: each a ``Task`` that the one loop in ``vqvae.trainer`` runs.
 
-``config.task`` picks one: ``tokenizer`` (the VQ-VAE, the default) or ``prior`` (a
-transformer over a trained tokenizer's tokens). A new kind is one module here with a
+``config.task`` picks one: ``tokenizer`` (the VQ-VAE, the default), ``prior`` (an
+autoregressive transformer over a trained tokenizer's tokens) or ``maskgit`` (a masked
+bidirectional one). A new kind is one module here with a
 ``Task`` subclass, and one line in ``TASKS``.
 """
 
@@ -10,6 +11,7 @@ from vqvae.tasks.base import MODEL_KEYS, Task, make_optimizer, make_train_step
 TASKS = {
     "tokenizer": "vqvae.tasks.tokenizer:TokenizerTask",
     "prior": "vqvae.tasks.prior:PriorTask",
+    "maskgit": "vqvae.tasks.maskgit:MaskGITTask",
 }
 
 
