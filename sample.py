@@ -7,7 +7,7 @@ examples:
   python sample.py --workdir workdir/default --source folder:DIR --split all --num 256
   # encode a whole source into token shards (+ manifest.json and the codebook)
   python sample.py --workdir workdir/default --mode tokens --source sample_photos \\
-      --out workdir/tokens/ [--split val]
+      --out workdir/tokens/ [--split val] [--augment flip]
   # the codebook alone, as codebook.npy and codebook.npz
   python sample.py --workdir workdir/default --mode codebook --out workdir/codebook/
   # sample token grids from a trained prior or masked generator, decode with its tokenizer
@@ -104,7 +104,7 @@ def reconstruct(
     }
 
 
-def export(workdir, mode, out, source, split, step) -> None:
+def export(workdir, mode, out, source, split, step, augment="none") -> None:
     from vqvae.export import export_codebook, export_tokens
     from vqvae.tokenizer import Tokenizer
 
@@ -114,9 +114,11 @@ def export(workdir, mode, out, source, split, step) -> None:
         print(f"wrote {out}: codebook {tok.vocab_size} x {tok.codebook.shape[1]}")
         return
     data = tok.meta["data"]  # the checkpoint's: its data source and held-out share
-    m = export_tokens(tok, {**data, "source": source or data["source"]}, out, split=split)
+    spec = {**data, "source": source or data["source"]}
+    m = export_tokens(tok, spec, out, split=split, augment=augment)
+    each = f" x {len(m['views'])} views ({', '.join(m['views'])})" if augment != "none" else ""
     print(
-        f"wrote {out}: {m['num_examples']} token grids {m['grid_shape']} in "
+        f"wrote {out}: {m['num_examples']}{each} token grids {m['grid_shape']} in "
         f"{len(m['shards'])} shard(s), {m['num_examples'] / max(m['seconds'], 1e-9):,.0f} img/s"
     )
 
@@ -218,6 +220,12 @@ def make_parser() -> argparse.ArgumentParser:
         help="which images: val (held out), train, or all (recon: every image of the source, "
         "nothing held out). Default: recon val, tokens train",
     )
+    p.add_argument(
+        "--augment",
+        default="none",
+        choices=["none", "flip"],
+        help="tokens: also export each image's mirror image (flip); ten-crop is not offered",
+    )
     p.add_argument("--num", type=int, default=16, help="how many images (recon: 0 for all)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--temperature", type=float, default=1.0, help="generate: temperature")
@@ -265,7 +273,7 @@ def main(argv=None) -> None:
     setup()
     with clean_errors("sample.py"):
         if args.mode in ("tokens", "codebook"):
-            export(args.workdir, args.mode, out, args.source, split, args.step)
+            export(args.workdir, args.mode, out, args.source, split, args.step, args.augment)
         elif args.mode == "generate":
             generate(
                 args.workdir,

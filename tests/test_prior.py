@@ -313,3 +313,37 @@ def test_sampling_settings_out_of_range_are_one_line_errors():
     ]:
         with pytest.raises(ValueError, match=said):
             check_sampling(**kw)
+
+
+def test_flip_export_round_trips_and_the_source_draws_one_view_per_example(trained10, tmp_path):
+    from vqvae.data import local_examples
+    from vqvae.export import export_tokens
+    from vqvae.sources import TokenSource, make_source
+    from vqvae.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(trained10)
+    out = tmp_path / "flip"
+    m = export_tokens(tok, "sample_photos", out, split="val", augment="flip", log=lambda _: 0)
+    assert m["augment"] == "flip" and m["views"] == ["none", "flip"]
+    z = np.load(out / m["shards"][0]["file"])
+    tokens = z["tokens"]  # (n, 2, 4, 4)
+    n = m["num_examples"]
+    assert tokens.shape == (n, 2, 4, 4) and len(z["labels"]) == n
+    source = make_source({"source": "sample_photos"}, image_size=16, train=False)
+    examples = local_examples(source, n)
+    images = next(examples)["image"]
+    examples.close()
+    np.testing.assert_array_equal(tokens[:, 0], tok.encode(images))
+    np.testing.assert_array_equal(tokens[:, 1], tok.encode(images[:, :, ::-1]))  # the mirror's
+    assert not np.array_equal(tokens[:, 0], tokens[:, 1])
+
+    grids = TokenSource(str(out), train=True, val_fraction=0.0)
+    held = TokenSource(str(out), train=False, val_fraction=1.0)
+    i = int(np.flatnonzero((tokens[:, 0] != tokens[:, 1]).any(axis=(1, 2)))[0])
+    np.testing.assert_array_equal(held.decode(i, None)["tokens"], tokens[i, 0])  # held out: view 0
+    drawn = [grids.decode(i, np.random.default_rng([0, t]))["tokens"] for t in range(40)]
+    flipped = [np.array_equal(g, tokens[i, 1]) for g in drawn]
+    assert all(f or np.array_equal(g, tokens[i, 0]) for f, g in zip(flipped, drawn, strict=True))
+    assert 5 < sum(flipped) < 35  # both views drawn, about half each
+    with pytest.raises(ValueError, match="augment must be one of"):
+        export_tokens(tok, "sample_photos", tmp_path / "bad", augment="tencrop")

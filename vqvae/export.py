@@ -5,7 +5,11 @@ A token export is a folder that plain NumPy reads, with no need for this package
     manifest.json          vocab_size, grid_shape, quantizer (kind, levels), num_examples,
                            shards, codebook sha256, ...
     tokens-00000.npz       tokens int32 (n, h, w), or (n, h, w, L) with L residual levels;
-                           labels int32 (n,) (-1: no label)
+                           labels int32 (n,) (-1: no label). With an augmentation
+                           (``augment``: flip) each image's views side by side:
+                           (n, A, h, w[, L]), the manifest's ``views`` naming them
+                           (["none", "flip"]); the token source draws one per example and
+                           epoch (as LlamaGen's pre-extracted flips), held-out ones view 0
     codebook.npy           the code vectors float32, (K, D) or (L, K, D) (also in .npz)
 
 It is written to a hidden ``.OUT.partial`` folder and renamed into place when complete, so
@@ -28,6 +32,14 @@ from vqvae import data as data_lib
 from vqvae.tokenizer import Tokenizer
 
 FORMAT = "vqvae-tokens-1"
+AUGMENTS = {"none": ("none",), "flip": ("none", "flip")}  # --augment: the views exported
+
+
+def views(images: np.ndarray, augment: str) -> list[np.ndarray]:
+    """The augmented views of a batch (B, H, W, C): the images, then (flip) mirrored."""
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {sorted(AUGMENTS)}, got {augment!r}")
+    return [images if v == "none" else images[:, :, ::-1] for v in AUGMENTS[augment]]
 
 
 def _remove_killed(parent: Path) -> None:
@@ -117,17 +129,20 @@ def export_tokens(
     batch_size: int = 256,
     shard_size: int = 50_000,
     workers: int = -1,
+    augment: str = "none",
     log=None,
 ) -> dict:
     """Encode every example of a source once into token shards; returns the manifest.
 
     ``data``: a source spec, or a data section (``source``, ``val_fraction``, ...: a
     checkpoint's meta keeps the one it was trained on). ``workers`` decode in parallel
-    (-1: as many as pay, as in training).
+    (-1: as many as pay, as in training). ``augment``: ``flip`` also exports each image
+    mirrored left to right (``AUGMENTS``).
     """
     log = log or (lambda line: print(line, file=sys.stderr))
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    views(np.zeros((0, 1, 1, 1), np.uint8), augment)  # a bad name fails before any work
     data = {"source": data} if isinstance(data, str) else dict(data)
     source_spec = data["source"]
     out = Path(out).expanduser()
@@ -156,7 +171,9 @@ def export_tokens(
     skipped: set[str] = set()
     try:
         for batch in data_lib.local_examples(source, batch_size, workers, skipped):
-            pending.append((tokenizer.encode(batch["image"]), batch["label"].astype(np.int32)))
+            grids = [tokenizer.encode(v) for v in views(batch["image"], augment)]
+            grids = grids[0] if augment == "none" else np.stack(grids, axis=1)  # (n, A, ...)
+            pending.append((grids, batch["label"].astype(np.int32)))
             done += len(batch["image"])
             if sum(len(t) for t, _ in pending) >= shard_size:
                 flush()
@@ -180,6 +197,8 @@ def export_tokens(
             "num_classes": max_label + 1,  # 0 when nothing is labelled (all -1)
             "source": source_spec,
             "split": split,
+            "augment": augment,
+            "views": list(AUGMENTS[augment]),
             "skipped_files": sorted(skipped),
             # relative to this folder, so the pair can move together (no machine path)
             "tokenizer": os.path.relpath(tokenizer.workdir, out) if tokenizer.workdir else "",

@@ -296,7 +296,8 @@ class TokenSource:
     """Token grids exported by ``sample.py --mode tokens`` (a manifest.json and .npz shards).
 
     Examples are ``{"tokens": int32 (h, w), "label": int32 ()}``; ``val_fraction`` of them
-    (a fixed random subset) are held out.
+    (a fixed random subset) are held out. An augmented export's several views per example:
+    training draws one by the example's rng (one per example and epoch), held-out view 0.
     """
 
     parallel = False
@@ -315,6 +316,7 @@ class TokenSource:
         if not keep.any():
             raise DataError(f"tokens source: no {'training' if train else 'held-out'} examples")
         self.tokens, self.labels = tokens[keep].astype(np.int32), labels[keep].astype(np.int32)
+        self.views = len(self.manifest.get("views", ["none"]))  # (n, A, h, w) when A > 1
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -323,7 +325,10 @@ class TokenSource:
         return index
 
     def decode(self, record, rng) -> dict[str, np.ndarray]:
-        return {"tokens": self.tokens[record], "label": self.labels[record]}
+        if self.views == 1:
+            return {"tokens": self.tokens[record], "label": self.labels[record]}
+        view = 0 if rng is None else int(rng.integers(self.views))
+        return {"tokens": self.tokens[record, view], "label": self.labels[record]}
 
     def name(self, index: int) -> str:
         return f"token grid {index}"
