@@ -35,7 +35,8 @@ import logging  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vqvae.runtime import StopRequest, clean_errors, parse_flags, setup  # noqa: E402
+from vqvae.runtime import clean_errors, parse_flags, setup  # noqa: E402
+from vqvae.signals import StopRequest  # noqa: E402
 
 # grain leaves its workers' unread prefetched batches in shared memory when a pipeline
 # closes; at exit the resource tracker frees them and warns "There appear to be N leaked

@@ -11,6 +11,7 @@ checksums is *damaged*: it is never deleted, only moved out of the way (``set_as
 """
 
 import errno
+import importlib
 import logging
 import re
 import shutil
@@ -28,11 +29,12 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vqvae.model import VQVAEConfig
-from vqvae.prior import PriorConfig
+from vqvae.errors import UserError
 from vqvae.sharding import make_mesh, replicated
 
-CONFIGS = {"vqvae": VQVAEConfig, "prior": PriorConfig}
+# Checkpoints name their model config's class ("model_class" in the meta); older ones only
+# their kind, translated here. Only the package's own classes are imported from a name.
+OLDER_MODEL_CLASSES = {"vqvae": "vqvae.model:VQVAEConfig", "prior": "vqvae.prior:PriorConfig"}
 log = logging.getLogger(__name__)
 
 
@@ -76,10 +78,6 @@ class _QuietOrbax(logging.Filter):
         return not (from_orbax and _QuietOrbax.seen_disk_full)
 
 
-logging.getLogger("absl").addFilter(_QuietOrbax())
-logging.getLogger("asyncio").addFilter(_QuietOrbax())  # "Future exception was never retrieved"
-
-
 def _drop_closed_loop_noise(previous):
     """When a restore fails, tensorstore's pending callbacks reach orbax's event loop after
     it closed, and each prints a 'RuntimeError: Event loop is closed' traceback. That one
@@ -107,11 +105,22 @@ def _drop_disk_full_in_threads(previous):
     return hook
 
 
-sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
-threading.excepthook = _drop_disk_full_in_threads(threading.excepthook)
+_QUIETED = []
 
 
-class CheckpointError(FileNotFoundError):
+def quiet_background_errors() -> None:
+    """Install the filters and hooks above (once per process; the scripts' set-up calls
+    it). Importing the package changes no global hook."""
+    if _QUIETED:
+        return
+    logging.getLogger("absl").addFilter(_QuietOrbax())
+    logging.getLogger("asyncio").addFilter(_QuietOrbax())  # "Future exception was never ..."
+    sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
+    threading.excepthook = _drop_disk_full_in_threads(threading.excepthook)
+    _QUIETED.append(True)
+
+
+class CheckpointError(UserError, FileNotFoundError):
     """No usable checkpoint where one was expected."""
 
 
@@ -388,6 +397,18 @@ class Checkpoints:
 ROTATION_RETRIES = 5  # listings of a workdir whose trainer removes what was just listed
 
 
+def model_config_class(meta: dict[str, Any]) -> type:
+    """The model config class a checkpoint's meta names (older checkpoints: by kind)."""
+    name = meta.get("model_class") or OLDER_MODEL_CLASSES.get(meta.get("kind", "vqvae"), "")
+    module, _, qualname = name.partition(":")
+    if not (module == "vqvae" or module.startswith("vqvae.")) or not qualname:
+        raise CheckpointError(f"the checkpoint names no model config of this package ({name!r})")
+    try:
+        return getattr(importlib.import_module(module), qualname)
+    except (ImportError, AttributeError) as e:
+        raise CheckpointError(f"the checkpoint's model config {name} is not in this version") from e
+
+
 def load_model(
     workdir: str | Path, step: int | None = None, kind: str = "vqvae"
 ) -> tuple[nnx.Module, dict[str, Any]]:
@@ -473,7 +494,7 @@ def _load_step(ckpt: Checkpoints, step: int, kind: str, workdir: Path):
     found = meta.get("kind", "vqvae")
     if found != kind:
         raise CheckpointError(f"{workdir} holds a {found} checkpoint, not a {kind} one")
-    config = CONFIGS[kind].from_dict(meta["model"])
+    config = model_config_class(meta).from_dict(meta["model"])
     abstract = nnx.eval_shape(lambda: config.build(nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     target = _with_sharding({"params": params, "rest": rest}, replicated(make_mesh()))

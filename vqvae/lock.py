@@ -9,8 +9,10 @@ import fcntl
 import os
 from pathlib import Path
 
+from vqvae.errors import UserError
 
-class WorkdirBusy(RuntimeError):
+
+class WorkdirBusy(UserError, RuntimeError):
     """Another training run holds the workdir."""
 
 

@@ -4,14 +4,19 @@ import ast
 import contextlib
 import logging
 import os
-import signal
 import sys
 
 import jax
 
+from vqvae.errors import UserError
+
 
 def setup() -> None:
-    """Readable logging and JAX's persistent compilation cache (model creation in ~1 s)."""
+    """Readable logging, JAX's persistent compilation cache (model creation in ~1 s), and
+    the filters that keep background writers' noise about a full disk off the screen."""
+    from vqvae.checkpoint import quiet_background_errors
+
+    quiet_background_errors()
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -55,49 +60,14 @@ def _unknown_key(e: Exception) -> str:
     return f"unknown config key '{key}'{hint}"
 
 
-class StopRequest:
-    """SIGTERM and SIGINT (Ctrl-C) recorded instead of raised, so a run stops where it is
-    safe to: between steps (after saving) or between the steps of its start-up."""
-
-    def __init__(self):
-        self.signal: int | None = None
-
-    def __call__(self, signum, _frame) -> None:
-        self.signal = signum
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signal).name if self.signal else ""
-
-    @contextlib.contextmanager
-    def installed(self):
-        """Handle SIGTERM and SIGINT for the duration; the previous handlers come back."""
-        previous = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield self
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-
 @contextlib.contextmanager
 def clean_errors(prog: str):
-    """Known bad input ends the program with one line on stderr, not a traceback."""
-    from vqvae.checkpoint import CheckpointError
-    from vqvae.data import DataError
-    from vqvae.lock import WorkdirBusy
-    from vqvae.trainer import TrainingDiverged
-
+    """Known bad input ends the program with one line on stderr, not a traceback: the
+    package's ``UserError`` and a ``ValueError`` (a library's word on a bad value). Any
+    other exception is a bug and keeps its traceback."""
     try:
         yield
-    except (
-        DataError,
-        CheckpointError,
-        TrainingDiverged,
-        WorkdirBusy,
-        ValueError,
-        TypeError,
-    ) as e:
+    except (UserError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # e.g. a config file that does not exist: its last line says which

@@ -23,9 +23,9 @@ import numpy as np
 from vqvae import data as data_lib
 from vqvae.checkpoint import CheckpointError, Checkpoints, DamagedCheckpoint, disk_full
 from vqvae.distributed import Watchdog, abandon, peer_lost
+from vqvae.errors import UserError
 from vqvae.lock import WorkdirLock
 from vqvae.logs import MetricsLog, Progress, image_grid
-from vqvae.runtime import StopRequest
 from vqvae.sharding import (
     batch_sharding,
     check_batch_size,
@@ -34,13 +34,14 @@ from vqvae.sharding import (
     replicated,
     state_shardings,
 )
+from vqvae.signals import StopRequest
 from vqvae.tasks import MODEL_KEYS, Task, make_task
 from vqvae.tasks.base import make_schedule
 
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite."""
 
 

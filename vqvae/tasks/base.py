@@ -192,6 +192,8 @@ class Task:
         """What a checkpoint says about the run, beside the arrays."""
         return {
             "kind": self.kind,
+            "model_class": f"{type(self.model_config).__module__}:"
+            f"{type(self.model_config).__qualname__}",
             "model": self.model_config.to_dict(),
             "config": self.config.to_dict(),
             "stats": self.stats,
