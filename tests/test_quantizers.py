@@ -13,19 +13,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqvae.model import VQVAEConfig
-from vqvae.quantizers import LFQ, QuantizerConfig, ResidualVQ
+from vqvae.quantizers import KINDS as REGISTERED
+from vqvae.quantizers import LFQ, QuantizerConfig, ResidualVQ, kind_of
 from vqvae.quantizers.fsq import fsq_codes_to_indices, fsq_indices_to_codes, fsq_quantize
 from vqvae.quantizers.lfq import lfq_codes_to_indices, lfq_entropies, lfq_indices_to_codes
 
-KINDS = {
-    "vq": QuantizerConfig(num_codes=32),
-    # factorised l2 codes, gradient-learned (LlamaGen's way): 32 codes of 4 dims behind
-    # projections from the encoder's 8
-    "vq-l2": QuantizerConfig(num_codes=32, codebook_dim=4, normalize=True, learning="gradient"),
-    "rvq": QuantizerConfig(kind="rvq", num_codes=16, residual_levels=2, quantizer_dropout=0.5),
-    "fsq": QuantizerConfig(kind="fsq", fsq_levels=(4, 4, 2)),
-    "lfq": QuantizerConfig(kind="lfq", lfq_bits=5),
-}
+# every registered kind, from its own small example; and factorised l2 codes,
+# gradient-learned (LlamaGen's way): 32 codes of 4 dims behind projections from the 8
+KINDS = {name: QuantizerConfig(kind=name, **kind_of(name).example) for name in REGISTERED}
+KINDS["vq-l2"] = QuantizerConfig(num_codes=32, codebook_dim=4, normalize=True, learning="gradient")
 
 
 # --- FSQ ------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from vqvae.devicestats import (
 )
 from vqvae.flops import count_flops
 from vqvae.model import PRESETS, VQVAEConfig
-from vqvae.quantizers import Codebook, QuantizerConfig
+from vqvae.quantizers import Codebook
 
 
 def _count(tree) -> int:
@@ -67,7 +67,7 @@ def static_figures(config: VQVAEConfig) -> dict:
     raw = image * image * c * 8
     return {
         "parameters": n_params,
-        "quantizer": _describe(config.quantizer, config.code_dim),
+        "quantizer": config.quantizer.describe(config.code_dim),
         "inference_weights": n_weights,  # parameters and codebook
         "size_mb_float32": n_weights * 4 / 1e6,
         "size_mb_bfloat16": n_weights * 2 / 1e6,
@@ -96,19 +96,6 @@ def _programs(model, config: VQVAEConfig, batch: int):
     levels = config.quantizer.num_levels
     idx = jnp.zeros((batch, h, h, *(() if levels == 1 else (levels,))), jnp.int32)
     return state, {"encode": (encode, x), "decode": (decode, idx), "roundtrip": (roundtrip, x)}
-
-
-def _describe(q: QuantizerConfig, code_dim: int) -> str:
-    """The quantizer in a few words: kind, codes and their width."""
-    if q.kind == "fsq":
-        return f"fsq {tuple(q.fsq_levels)}: {q.vocab_size} implicit codes"
-    if q.kind == "lfq":
-        return f"lfq {q.lfq_bits} bits: {q.vocab_size} implicit codes"
-    levels = f"{q.residual_levels} levels x " if q.kind == "rvq" else ""
-    cosine = ", cosine" if q.normalize else ""
-    if q.kind == "vq" and q.codebook_dim:  # factorised: the stored codes' width
-        return f"vq {q.num_codes} x {q.codebook_dim}{cosine} (projected from {code_dim})"
-    return f"{q.kind} {levels}{q.num_codes} x {code_dim}{cosine}"
 
 
 def hardware_figures(

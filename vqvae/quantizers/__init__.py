@@ -13,13 +13,14 @@ from vqvae.quantizers.assign import code_counts, codebook_health, kmeans, neares
 from vqvae.quantizers.base import (
     Codebook,
     CodebookStats,
+    Kind,
     Quantizer,
     QuantizerOutput,
     health,
     level_counts,
     level_means,
 )
-from vqvae.quantizers.config import KINDS, QuantizerConfig
+from vqvae.quantizers.config import KINDS, QuantizerConfig, kind_of, register_kind
 from vqvae.quantizers.fsq import FSQ
 from vqvae.quantizers.lfq import LFQ
 from vqvae.quantizers.rvq import ResidualVQ
@@ -31,6 +32,7 @@ __all__ = [
     "LFQ",
     "Codebook",
     "CodebookStats",
+    "Kind",
     "Quantizer",
     "QuantizerConfig",
     "QuantizerOutput",
@@ -39,8 +41,10 @@ __all__ = [
     "code_counts",
     "codebook_health",
     "health",
+    "kind_of",
     "kmeans",
     "level_counts",
     "level_means",
     "nearest_codes",
+    "register_kind",
 ]

@@ -130,3 +130,36 @@ class Quantizer(nnx.Module):
     def check_ids(self, indices: jax.Array) -> None:
         if not jnp.issubdtype(indices.dtype, jnp.integer):
             raise TypeError(f"lookup needs integer indices, got dtype {indices.dtype}")
+
+
+class Kind:
+    """How a ``QuantizerConfig`` of one kind is checked, built and described: each kind's
+    module defines one (``KIND``) and ``vqvae.quantizers.config.KINDS`` names it.
+
+    ``example``: the settings of a small instance (tests build every kind from these).
+    """
+
+    example: dict = {}
+
+    def check(self, q) -> None:
+        """Refuse settings this kind cannot use (raise ValueError in one line)."""
+        if q.codebook_dim:
+            raise ValueError(
+                f"codebook_dim (factorised codes) is for kind 'vq' only, not {q.kind!r}; "
+                f"set it to 0"
+            )
+
+    def build(self, q, code_dim: int, rngs: nnx.Rngs) -> Quantizer:
+        raise NotImplementedError
+
+    def vocab_size(self, q) -> int:
+        """Ids per token."""
+        return q.num_codes
+
+    def num_levels(self, q) -> int:
+        """Tokens per vector."""
+        return 1
+
+    def describe(self, q, code_dim: int) -> str:
+        """The quantizer in a few words (the report's line)."""
+        return f"{q.kind} {q.num_codes} x {code_dim}"

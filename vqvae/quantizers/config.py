@@ -1,34 +1,42 @@
 """The quantizer's config: ``kind`` picks the quantizer, the other fields set it up.
 
-Stored in every checkpoint inside the model's config. Adding a kind: a module in this
-package with a ``Quantizer`` subclass, a line in ``KINDS`` and its fields here (and, where
-its options need checking, in ``check``).
+Stored in every checkpoint inside the model's config. Adding a kind: one module with a
+``Quantizer`` subclass and its ``Kind`` (check, build, vocab size, levels, description),
+and one line in ``KINDS`` (or ``register_kind`` from outside the package). A kind reads
+the shared fields below; one that needs its own adds them here.
 """
 
 import dataclasses
+import importlib
 from typing import Any
 
 from flax import nnx
 
-from vqvae.quantizers.base import Quantizer
+from vqvae.quantizers.base import Kind, Quantizer
 
-# kind -> "module:class" in this package, imported when built
-KINDS = {
-    "vq": "vq:VectorQuantizer",
-    "rvq": "rvq:ResidualVQ",
-    "fsq": "fsq:FSQ",
-    "lfq": "lfq:LFQ",
+# kind -> its ``Kind`` ("module:attribute", imported when first used, or the object)
+KINDS: dict[str, str | Kind] = {
+    "vq": "vqvae.quantizers.vq:KIND",
+    "rvq": "vqvae.quantizers.rvq:KIND",
+    "fsq": "vqvae.quantizers.fsq:KIND",
+    "lfq": "vqvae.quantizers.lfq:KIND",
 }
-_VQ_OPTIONS = (
-    "beta",
-    "learning",
-    "decay",
-    "epsilon",
-    "estimator",
-    "normalize",
-    "dead_code_threshold",
-    "precision",
-)
+
+
+def register_kind(name: str, kind: Kind | str) -> None:
+    """Make ``quantizer.kind = name`` use ``kind`` (a ``Kind`` or "module:attribute")."""
+    KINDS[name] = kind
+
+
+def kind_of(name: str) -> Kind:
+    """The registered ``Kind`` called ``name``."""
+    if name not in KINDS:
+        raise ValueError(f"quantizer kind must be one of {sorted(KINDS)}, got {name!r}")
+    kind = KINDS[name]
+    if isinstance(kind, str):
+        module, _, attr = kind.partition(":")
+        kind = KINDS[name] = getattr(importlib.import_module(module), attr)
+    return kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,61 +71,33 @@ class QuantizerConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "fsq_levels", tuple(int(x) for x in self.fsq_levels))
-        if self.kind not in KINDS:
-            raise ValueError(f"quantizer kind must be one of {sorted(KINDS)}, got {self.kind!r}")
         if self.codebook_dim < 0:
             raise ValueError(
                 f"codebook_dim must be >= 0 (0: the input's width), got {self.codebook_dim}"
             )
-        if self.codebook_dim and self.kind != "vq":
-            raise ValueError(
-                f"codebook_dim (factorised codes) is for kind 'vq' only, not {self.kind!r}; "
-                f"set it to 0"
-            )
+        self.kind_spec.check(self)
+
+    @property
+    def kind_spec(self) -> Kind:
+        """This kind's ``Kind``: what builds, counts and describes it."""
+        return kind_of(self.kind)
 
     @property
     def vocab_size(self) -> int:
         """Ids per token."""
-        if self.kind == "fsq":
-            out = 1
-            for level in self.fsq_levels:
-                out *= level
-            return out
-        return 2**self.lfq_bits if self.kind == "lfq" else self.num_codes
+        return self.kind_spec.vocab_size(self)
 
     @property
     def num_levels(self) -> int:
         """Tokens per vector."""
-        return self.residual_levels if self.kind == "rvq" else 1
+        return self.kind_spec.num_levels(self)
 
     def build(self, code_dim: int, rngs: nnx.Rngs) -> Quantizer:
-        import importlib
+        return self.kind_spec.build(self, code_dim, rngs)
 
-        module, _, cls = KINDS[self.kind].partition(":")
-        make = getattr(importlib.import_module(f"vqvae.quantizers.{module}"), cls)
-        vq = {k: getattr(self, k) for k in _VQ_OPTIONS}
-        if self.kind == "vq":
-            return make(self.num_codes, code_dim, codebook_dim=self.codebook_dim, rngs=rngs, **vq)
-        if self.kind == "rvq":
-            return make(
-                code_dim,
-                self.num_codes,
-                self.residual_levels,
-                dropout=self.quantizer_dropout,
-                rngs=rngs,
-                **vq,
-            )
-        if self.kind == "fsq":
-            return make(code_dim, self.fsq_levels, rngs=rngs)
-        return make(
-            code_dim,
-            self.lfq_bits,
-            beta=self.beta,
-            entropy_weight=self.entropy_weight,
-            diversity_weight=self.diversity_weight,
-            temperature=self.entropy_temperature,
-            rngs=rngs,
-        )
+    def describe(self, code_dim: int) -> str:
+        """The quantizer in a few words: kind, codes and their width."""
+        return self.kind_spec.describe(self, code_dim)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # tuples stay tuples: overridable on the command line

@@ -7,12 +7,14 @@ straight-through estimator's. A token is the mixed-radix number of the per-dimen
 levels. Inputs of another width are projected to the levels' dimensions and back.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vqvae.quantizers.base import Quantizer, QuantizerOutput, health, level_counts
+from vqvae.quantizers.base import Kind, Quantizer, QuantizerOutput, health, level_counts
 from vqvae.ste import ste_round
 
 
@@ -87,3 +89,19 @@ class FSQ(Quantizer):
     def codes(self) -> jax.Array:
         """Every code of the implicit grid, as the decoder sees it: (K, code_dim)."""
         return self.lookup(jnp.arange(self.vocab_size, dtype=jnp.int32))
+
+
+class FSQKind(Kind):
+    example = {"fsq_levels": (4, 4, 2)}
+
+    def build(self, q, code_dim, rngs):
+        return FSQ(code_dim, q.fsq_levels, rngs=rngs)
+
+    def vocab_size(self, q) -> int:
+        return math.prod(q.fsq_levels)
+
+    def describe(self, q, code_dim):
+        return f"fsq {tuple(q.fsq_levels)}: {self.vocab_size(q)} implicit codes"
+
+
+KIND = FSQKind()

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vqvae.quantizers.base import Quantizer, QuantizerOutput, health, level_counts
+from vqvae.quantizers.base import Kind, Quantizer, QuantizerOutput, health, level_counts
 from vqvae.ste import ste_binary
 
 EXACT_BATCH_ENTROPY_BITS = 12  # up to 4,096 codes the batch entropy sums over every code
@@ -128,3 +128,27 @@ class LFQ(Quantizer):
     def codes(self) -> jax.Array:
         """Every code, as the decoder sees it: (2^bits, code_dim)."""
         return self.lookup(jnp.arange(self.vocab_size, dtype=jnp.int32))
+
+
+class LFQKind(Kind):
+    example = {"lfq_bits": 5}
+
+    def build(self, q, code_dim, rngs):
+        return LFQ(
+            code_dim,
+            q.lfq_bits,
+            beta=q.beta,
+            entropy_weight=q.entropy_weight,
+            diversity_weight=q.diversity_weight,
+            temperature=q.entropy_temperature,
+            rngs=rngs,
+        )
+
+    def vocab_size(self, q) -> int:
+        return 2**q.lfq_bits
+
+    def describe(self, q, code_dim):
+        return f"lfq {q.lfq_bits} bits: {self.vocab_size(q)} implicit codes"
+
+
+KIND = LFQKind()

@@ -14,8 +14,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vqvae.quantizers.assign import nearest_codes
-from vqvae.quantizers.base import CodebookStats, Quantizer, QuantizerOutput, health, level_counts
-from vqvae.quantizers.vq import VectorQuantizer
+from vqvae.quantizers.base import (
+    CodebookStats,
+    Kind,
+    Quantizer,
+    QuantizerOutput,
+    health,
+    level_counts,
+)
+from vqvae.quantizers.vq import VectorQuantizer, vq_options
 from vqvae.ste import ste_replace
 
 
@@ -114,3 +121,26 @@ class ResidualVQ(Quantizer):
         for level, vq in enumerate(self.levels):
             vq.init_from_batch(residual, jax.random.fold_in(key, level))
             residual = residual - vq.codes()[nearest_codes(residual, vq.codes())]
+
+
+class RVQKind(Kind):
+    example = {"num_codes": 16, "residual_levels": 2, "quantizer_dropout": 0.5}
+
+    def build(self, q, code_dim, rngs):
+        return ResidualVQ(
+            code_dim,
+            q.num_codes,
+            q.residual_levels,
+            dropout=q.quantizer_dropout,
+            rngs=rngs,
+            **vq_options(q),
+        )
+
+    def num_levels(self, q) -> int:
+        return q.residual_levels
+
+    def describe(self, q, code_dim):
+        return f"rvq {q.residual_levels} levels x {q.num_codes} x {code_dim}"
+
+
+KIND = RVQKind()

@@ -26,7 +26,7 @@ from vqvae.quantizers.assign import (
     l2_normalize,
     nearest_codes,
 )
-from vqvae.quantizers.base import Codebook, CodebookStats, Quantizer, QuantizerOutput
+from vqvae.quantizers.base import Codebook, CodebookStats, Kind, Quantizer, QuantizerOutput
 from vqvae.ste import rotation_trick, ste_replace
 
 
@@ -270,3 +270,40 @@ class VectorQuantizer(Quantizer):
         self.counts.set_value(sizes)
         if self.sums is not None:
             self.sums.set_value(centres * sizes[:, None])
+
+
+VQ_OPTIONS = (  # the config fields a codebook reads (vq, and each level of rvq)
+    "beta",
+    "learning",
+    "decay",
+    "epsilon",
+    "estimator",
+    "normalize",
+    "dead_code_threshold",
+    "precision",
+)
+
+
+def vq_options(q) -> dict:
+    return {k: getattr(q, k) for k in VQ_OPTIONS}
+
+
+class VQKind(Kind):
+    example = {"num_codes": 32}
+
+    def check(self, q) -> None:
+        """Factorised codes are this kind's own option."""
+
+    def build(self, q, code_dim, rngs):
+        return VectorQuantizer(
+            q.num_codes, code_dim, codebook_dim=q.codebook_dim, rngs=rngs, **vq_options(q)
+        )
+
+    def describe(self, q, code_dim):
+        cosine = ", cosine" if q.normalize else ""
+        if q.codebook_dim:  # factorised: the stored codes' width
+            return f"vq {q.num_codes} x {q.codebook_dim}{cosine} (projected from {code_dim})"
+        return f"vq {q.num_codes} x {code_dim}{cosine}"
+
+
+KIND = VQKind()
