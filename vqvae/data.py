@@ -29,13 +29,15 @@ import jax
 import numpy as np
 
 from vqvae.sources import (  # noqa: F401  (re-exported: the data API in one place)
+    SOURCES,
     DataError,
     Source,
+    Stream,
     decode_image,
     make_source,
     read_token_manifest,
+    register_source,
 )
-from vqvae.tfds_stream import TfdsStream
 
 log = logging.getLogger(__name__)
 MAX_AUTO_WORKERS = 16
@@ -290,7 +292,7 @@ class TrainBatches(Batches):
         self.workers = resolve_workers(data.get("workers", -1), source.parallel)
         process = this_process()
         self.layout = {"workers": self.workers, "processes": process[1]}
-        if isinstance(source, TfdsStream):
+        if isinstance(source, Stream):
             it = source.batches(global_batch // process[1], start, one_pass=False)
             self.base, self.grain_iterator, self.restore_state = start, None, False
         else:
@@ -311,7 +313,7 @@ def held_out(source, global_batch: int, total: int, sharding, workers: int = 0, 
     """Global held-out batches covering ``total`` examples, each with its host part:
     yields (global batch, this process's host batch)."""
     process = this_process()
-    if isinstance(source, TfdsStream):
+    if isinstance(source, Stream):
         it = _padded_stream(source, global_batch, total, process)
     else:
         it = _iterate(eval_dataset(source, global_batch, total, process), workers)
@@ -321,7 +323,7 @@ def held_out(source, global_batch: int, total: int, sharding, workers: int = 0, 
             yield to_global(host, sharding), host
 
 
-def _padded_stream(stream: TfdsStream, global_batch: int, total: int, process) -> Iterator:
+def _padded_stream(stream: Stream, global_batch: int, total: int, process) -> Iterator:
     """A tf.data one-pass stream as whole local batches with weights: 1 for this process's
     examples, 0 for the padding once its part of the split runs out."""
     local = global_batch // process[1]
@@ -340,7 +342,7 @@ def local_examples(source, batch_size: int, workers: int = 0, skipped: set | Non
     batches of ``batch_size``, fewer where unreadable examples were left out (their names
     go into ``skipped``)."""
     total = len(source)
-    if isinstance(source, TfdsStream):  # this process's part of the split
+    if isinstance(source, Stream):  # this process's part of the split
         yield from source.batches(batch_size, 0, one_pass=True)
         return
     it = _iterate(eval_dataset(source, batch_size, total, (0, 1)), workers)

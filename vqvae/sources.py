@@ -12,9 +12,11 @@ Every source but a TFRecord tfds dataset is random access (``Source``): the pipe
 worker processes where that pays. This module imports no JAX and no TensorFlow.
 """
 
+import importlib
 import json
 import logging
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -22,11 +24,13 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from vqvae.errors import UserError
+
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data source that cannot be used, with a message saying why and what to do."""
 
 
@@ -52,6 +56,22 @@ class Source(Protocol):
     def decode(self, record: Any, rng: np.random.Generator | None) -> dict[str, np.ndarray]: ...
 
     def name(self, index: int) -> str: ...
+
+
+@runtime_checkable
+class Stream(Protocol):
+    """A source read in order only (tf.data over TFRecord files): whole batches, no index.
+
+    ``len(stream)`` examples in the split; ``batches(local_batch, start_step, one_pass)``
+    yields this process's batches (dicts as ``Source.decode`` makes, stacked), from step
+    ``start_step`` on, repeating unless ``one_pass``. ``parallel``: as for ``Source``.
+    """
+
+    parallel: bool
+
+    def __len__(self) -> int: ...
+
+    def batches(self, local_batch: int, start_step: int, one_pass: bool) -> Iterator[dict]: ...
 
 
 # --- images -------------------------------------------------------------------------------
@@ -385,26 +405,54 @@ def make_source(
                 "part is fixed; use folder:PATH, tfds:NAME:SPLIT or tokens:PATH"
             )
         data, train = {**data, "source": val, "val_source": "", "val_fraction": 0.0}, True
-    spec = data["source"]
-    kind, _, rest = spec.partition(":")
-    if kind == "sample_photos":
-        return PhotoSource(image_size, channels, train)
-    if kind == "folder":
-        if not rest:
-            raise DataError("folder source needs a path: folder:/path/to/images")
-        return FolderSource(rest, image_size, channels, train, data.get("val_fraction", 0.02))
-    if kind == "arrays":
-        if arrays is None:
-            raise DataError("the arrays source needs arrays=(images, labels)")
-        images, labels = arrays
-        return ArraySource(np.asarray(images), labels, image_size, channels, train)
-    if kind == "tokens":
-        return TokenSource(rest, train, data.get("val_fraction", 0.02))
-    if kind == "tfds":
-        from vqvae import tfds_stream
-
-        return tfds_stream.open_tfds(data, image_size, channels, train, seed)
-    raise DataError(
-        f"unknown data source {spec!r}: use sample_photos, folder:PATH, tfds:NAME[:SPLIT], "
-        "tokens:PATH or arrays"
+    prefix, _, rest = data["source"].partition(":")
+    if prefix not in SOURCES:
+        known = ", ".join(SOURCES)
+        raise DataError(f"unknown data source {data['source']!r}: the sources are {known}")
+    factory = SOURCES[prefix]
+    if isinstance(factory, str):  # "module:function", imported when first used
+        module, _, name = factory.partition(":")
+        factory = getattr(importlib.import_module(module), name)
+    return factory(
+        rest, data, image_size=image_size, channels=channels, train=train, seed=seed, arrays=arrays
     )
+
+
+def _photos(rest, data, *, image_size, channels, train, **_) -> "PhotoSource":
+    return PhotoSource(image_size, channels, train)
+
+
+def _folder(rest, data, *, image_size, channels, train, **_) -> "FolderSource":
+    if not rest:
+        raise DataError("folder source needs a path: folder:/path/to/images")
+    return FolderSource(rest, image_size, channels, train, data.get("val_fraction", 0.02))
+
+
+def _arrays(rest, data, *, image_size, channels, train, arrays=None, **_) -> "ArraySource":
+    if arrays is None:
+        raise DataError("the arrays source needs arrays=(images, labels)")
+    images, labels = arrays
+    return ArraySource(np.asarray(images), labels, image_size, channels, train)
+
+
+def _tokens(rest, data, *, train, **_) -> "TokenSource":
+    return TokenSource(rest, train, data.get("val_fraction", 0.02))
+
+
+# ``data.source`` is PREFIX[:REST]; a factory gets REST, the data section and the keywords
+# of ``make_source`` and returns a ``Source`` (random access) or a ``Stream``. A new source
+# is one module with its factory and one line here (or ``register_source`` from outside).
+SOURCES: dict[str, Callable | str] = {
+    "sample_photos": _photos,
+    "folder": _folder,
+    "tfds": "vqvae.tfds_stream:source",
+    "tokens": _tokens,
+    "arrays": _arrays,
+}
+
+
+def register_source(prefix: str, factory: Callable | str) -> None:
+    """Make ``data.source = "PREFIX[:REST]"`` build its source with ``factory``."""
+    if not prefix or ":" in prefix:
+        raise ValueError(f"a source prefix is a name without ':', got {prefix!r}")
+    SOURCES[prefix] = factory

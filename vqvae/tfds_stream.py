@@ -11,6 +11,11 @@ from collections.abc import Iterator
 from vqvae.sources import DataError, TfdsRecords, fit_channels
 
 
+def source(rest: str, data, *, image_size: int, channels: int, train: bool, seed: int, **_):
+    """The ``tfds:`` entry of ``vqvae.sources.SOURCES``."""
+    return open_tfds(data, image_size, channels, train, seed)
+
+
 def open_tfds(data, image_size: int, channels: int, train: bool, seed: int):
     """``tfds:NAME[:SPLIT]`` -> TfdsRecords (array_record) or TfdsStream (TFRecord)."""
     name, _, split = data["source"].partition(":")[2].partition(":")
