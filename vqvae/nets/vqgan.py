@@ -51,6 +51,9 @@ class VQGANConfig:
     downsample: str = "asymmetric"
     quant_conv: bool = True  # 1x1 convs between z_channels and code_dim
     out_norm: bool = True  # the decoder's GroupNorm and swish before its last conv
+    # added to the images before the encoder's first conv: 0.5 runs MaskGIT's imported weights
+    # (made for [0, 1] pixels, padded with zeros) on the package's [-0.5, 0.5]
+    input_offset: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
@@ -238,6 +241,7 @@ class VQGANEncoder(nnx.Module):
             down.append(Level(blocks, attn, downsample=resample))
             res = res if last else res // 2
         self.down = nnx.List(down)
+        self.input_offset = c.input_offset
         self.mid = _mid(c, cin, dtype, rngs)
         self.norm_out = _norm(cin, dtype, rngs)
         if c.style == "maskgit":  # straight to the codes, 1x1
@@ -249,7 +253,7 @@ class VQGANEncoder(nnx.Module):
             )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.conv_in(x)  # (B, R, R, ch)
+        h = self.conv_in(x + self.input_offset if self.input_offset else x)  # (B, R, R, ch)
         for level in self.down:
             h = level(h)
         h = self.mid(h)  # (B, R/f, R/f, ch * ch_mult[-1])

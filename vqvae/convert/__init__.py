@@ -1,0 +1,86 @@
+"""Released tokenizers in, safetensors and the originals' layouts out.
+
+    python -m vqvae.convert taming vqgan_imagenet_f16_16384.ckpt --workdir W [--preset NAME]
+    python -m vqvae.convert llamagen vq_ds16_c2i.pt --workdir W
+    python -m vqvae.convert maskgit tokenizer_imagenet256_checkpoint --workdir W
+    python -m vqvae.convert export W --to DIR [--to-taming FILE | --to-llamagen FILE]
+
+An import maps every tensor of the file onto the preset's model (layouts, names, the
+pixel range), refuses in one line on the first tensor missing, left over or of the wrong
+shape, and writes a workdir whose checkpoint 0 ``Tokenizer.load`` reads, with a ``source``
+record (file, SHA-256, converter version) in its meta.
+"""
+
+from pathlib import Path
+
+from vqvae.convert import maskgit, taming
+from vqvae.convert.common import (
+    CONVERTER_VERSION,
+    ConvertError,
+    abstract_params,
+    build_with,
+    match,
+    read_tensors,
+    resolve_config,
+    sha256,
+    write_workdir,
+)
+from vqvae.model import VQVAE, VQVAEConfig
+
+FAMILIES = ("taming", "llamagen", "maskgit")
+DEFAULT_PRESETS = {"llamagen": "llamagen-vq16", "maskgit": "maskgit-f16-1024"}
+_SNIFF = {"taming": taming.looks_like, "llamagen": taming.looks_like_llamagen,
+          "maskgit": maskgit.looks_like}  # fmt: skip
+
+__all__ = ["FAMILIES", "ConvertError", "convert", "import_tensors"]
+
+
+def _family_of(keys) -> str | None:
+    return next((f for f, sniff in _SNIFF.items() if sniff(keys)), None)
+
+
+def _default_preset(family: str, tensors: dict) -> str:
+    if family != "taming":
+        return DEFAULT_PRESETS[family]
+    codes = tensors.get("quantize.embedding.weight")
+    return "taming-f16-1024" if codes is not None and len(codes) == 1024 else "taming-f16-16384"
+
+
+def entries(family: str, config: VQVAEConfig, shapes: dict) -> dict:
+    module = maskgit if family == "maskgit" else taming
+    return module.entries(config, shapes, family)
+
+
+def import_tensors(
+    family: str, tensors: dict, preset: str | Path | None = None
+) -> tuple[VQVAE, VQVAEConfig, str]:
+    """(model, its config, the preset's name) from a family's tensors {name: array}."""
+    if family not in FAMILIES:
+        raise ConvertError(f"unknown family {family!r}: one of {FAMILIES}")
+    found = _family_of(tensors)
+    if found is None:
+        raise ConvertError(f"the file holds no {family} VQGAN (no encoder tensors found)")
+    if found != family:
+        raise ConvertError(f"the file holds a {found} model, not a {family} one")
+    name, config = resolve_config(preset or _default_preset(family, tensors))
+    if config.net != "vqgan":
+        raise ConvertError(f"preset {name} is not a VQGAN-family model (net {config.net!r})")
+    if family == "maskgit":
+        config = maskgit.prepare(config)
+    shapes = abstract_params(config)
+    params = match(tensors, entries(family, config, shapes), shapes, name, taming.ignored)
+    return build_with(config, params), config, name
+
+
+def convert(family: str, file: str | Path, workdir: str | Path, preset=None) -> Path:
+    """Import ``file`` of ``family`` into a new workdir: -> the workdir."""
+    file = Path(file).expanduser()
+    model, config, name = import_tensors(family, read_tensors(file), preset)
+    source = {
+        "family": family,
+        "file": str(file.resolve()),
+        "sha256": sha256(file),
+        "preset": name,
+        "converter": f"vqvae.convert {CONVERTER_VERSION}",
+    }
+    return write_workdir(workdir, model, config, source)
