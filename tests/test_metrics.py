@@ -2,6 +2,8 @@
 and the streaming accumulator."""
 
 import functools
+import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -289,3 +291,149 @@ def test_accumulator_feeds_extra_metrics_and_joins_their_figures():
     clash.update(a, a)
     with pytest.raises(ValueError, match=r"reports \['ssim'\] again"):
         clash.result()
+
+
+# --- parity with the reference tools (tests/reference/metrics_parity.py's outputs) ----------
+PARITY = Path(__file__).parent / "data" / "metrics" / "parity.npz"
+
+
+@functools.cache
+def _parity() -> dict:
+    with np.load(PARITY) as z:
+        return {k: z[k] for k in z.files}
+
+
+@functools.cache
+def _inception():
+    """The package's FID Inception with the reference's random weights, through convert."""
+    from vqvae.metrics import inception
+
+    from .reference.metrics_parity import random_state_dict
+
+    shapes = json.loads(str(_parity()["inception_shapes"]))
+    return inception.FIDInception(inception.convert(random_state_dict(shapes)))
+
+
+def _relative(x, ref) -> float:
+    """Largest difference relative to the reference's largest magnitude."""
+    return float(np.max(np.abs(np.asarray(x, np.float64) - ref)) / np.max(np.abs(ref)))
+
+
+@functools.cache
+def _small_features(name: str) -> np.ndarray:
+    from vqvae.metrics.fid import FeatureExtractor, protocol
+
+    p = _parity()
+    extractor = FeatureExtractor(_inception(), protocol(name, size=int(p["small_size"])))
+    return extractor(np.concatenate([p["images_a"], p["images_b"]]))
+
+
+def _fid(feats: np.ndarray, n: int, method: str) -> float:
+    from vqvae.metrics.frechet import frechet_distance_gram
+    from vqvae.metrics.stats import FeatureStats
+
+    if method == "gram":
+        return frechet_distance_gram(feats[:n], feats[n:])
+    stats = []
+    for part in (feats[:n], feats[n:]):
+        s = FeatureStats(feats.shape[1])
+        s.update(part)
+        stats.append(s.gaussian())
+    return frechet_distance(stats[0].mu, stats[0].sigma, stats[1].mu, stats[1].sigma, method=method)
+
+
+@pytest.mark.parametrize("name,key", [("pytorch-fid", "pfid"), ("torch-fidelity", "tfid")])
+def test_fid_features_and_fid_equal_the_reference_tools(name, key):
+    """Features to 1e-4, and FID by the exact Gram form (a 2048-d root takes 20-60 s here;
+    the protocols' own roots are the slow test below) to 1e-3."""
+    p = _parity()
+    feats = _small_features(name)
+    assert _relative(feats, p[f"{key}_small"].astype(np.float64)) < 1e-4
+    ref = float(p[f"{key}_small_fid"])
+    assert abs(_fid(feats, len(p["images_a"]), "gram") - ref) / ref < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,key", [("pytorch-fid", "pfid"), ("torch-fidelity", "tfid")])
+def test_fid_by_the_protocols_own_root_equals_the_reference_tools(name, key):
+    from vqvae.metrics.fid import PROTOCOLS
+
+    p = _parity()
+    fid = _fid(_small_features(name), len(p["images_a"]), PROTOCOLS[name].frechet)
+    ref = float(p[f"{key}_small_fid"])
+    assert abs(fid - ref) / ref < 1e-3
+
+
+def test_gram_frechet_equals_the_covariance_form():
+    from vqvae.metrics.frechet import frechet_distance_gram
+
+    rng = np.random.default_rng(3)
+    for n, d in ((10, 40), (60, 20)):  # fewer and more vectors than dimensions
+        a, b = rng.normal(size=(n, d)), rng.normal(0.3, 1.5, size=(n + 3, d))
+        cov = [np.cov(x, rowvar=False) for x in (a, b)]
+        want = frechet_distance(a.mean(0), cov[0], b.mean(0), cov[1], method="eigh")
+        assert frechet_distance_gram(a, b) == pytest.approx(want, rel=1e-6)  # eigh: 1e-8
+
+
+def test_the_two_protocols_give_different_features():
+    """The resize and the scaling are what the two presets differ in: the tools disagree."""
+    assert _relative(_small_features("torch-fidelity"), _parity()["pfid_small"]) > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,key", [("pytorch-fid", "pfid"), ("torch-fidelity", "tfid")])
+def test_fid_features_at_299_equal_the_reference_tools(name, key):
+    from vqvae.metrics.fid import FeatureExtractor, protocol
+
+    p = _parity()
+    full = p[f"{key}_full"]
+    feats = FeatureExtractor(_inception(), protocol(name))(p["images_a"][: len(full)])
+    assert _relative(feats, full.astype(np.float64)) < 1e-4
+
+
+@pytest.mark.parametrize("net", ["vgg", "alex"])
+def test_lpips_equals_the_lpips_package_for_both_backbones(net):
+    from vqvae import lpips as vgg_lpips
+    from vqvae.metrics import perceptual
+
+    from .reference.metrics_parity import random_state_dict
+
+    p = _parity()
+    backbone = random_state_dict(json.loads(str(p[f"lpips_{net}_shapes"])))
+    prefix = f"lpips_{net}_"
+    lin = {k[len(prefix) :]: v for k, v in p.items() if k.startswith(prefix + "lin")}
+    if net == "vgg":
+        model, name = vgg_lpips.LPIPS(vgg_lpips.convert(backbone, lin)), "vgg16"
+    else:
+        model, name = perceptual.AlexLPIPS(perceptual.convert_alex(backbone, lin)), "alex"
+    metric = perceptual.LPIPSMetric(model, name)
+    d = metric.distances(p["images_a"], p["images_b"])
+    ref = p[f"lpips_{net}"].astype(np.float64)
+    assert np.max(np.abs(d - ref) / np.abs(ref)) < 1e-5
+    metric.update(p["images_a"], p["images_b"])
+    assert metric.result() == {"lpips": pytest.approx(ref.mean(), rel=1e-5), "lpips_backbone": name}
+
+
+def test_psnr_ssim_equal_the_committed_scikit_image_outputs():
+    p = _parity()
+    m = ReconstructionMetrics()
+    m.update(p["images_a"], p["images_b"])
+    out = m.result()
+    assert abs(out["psnr"] - p["psnr"].mean()) / p["psnr"].mean() < 1e-6
+    assert abs(out["ssim"] - p["ssim"].mean()) / abs(p["ssim"].mean()) < 1e-6
+
+
+def test_inception_converter_names_what_is_missing_or_wrong(tmp_path):
+    from vqvae.metrics import inception
+
+    from .reference.metrics_parity import random_state_dict
+
+    shapes = json.loads(str(_parity()["inception_shapes"]))
+    sd = random_state_dict({k: v for k, v in shapes.items() if "Mixed_7c.branch_pool" not in k})
+    with pytest.raises(KeyError, match="Mixed_7c.branch_pool.conv.weight is missing"):
+        inception.convert(sd)
+    with pytest.raises(FileNotFoundError, match="python -m vqvae.metrics.inception"):
+        inception.load_weights(tmp_path / "none.npz")
+    np.savez(tmp_path / "other.npz", x=np.zeros(1))
+    with pytest.raises(ValueError, match="not an FID Inception weights file"):
+        inception.load_weights(tmp_path / "other.npz")

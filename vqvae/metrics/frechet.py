@@ -83,3 +83,26 @@ def _trace_sqrt(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     r = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     e = np.linalg.eigvalsh(r @ sigma2 @ r)
     return float(np.sqrt(np.clip(e, 0, None)).sum())
+
+
+def frechet_distance_gram(features1: np.ndarray, features2: np.ndarray) -> float:
+    """The Fréchet distance of two feature sets' Gaussians (sample covariances, N - 1) from
+    the features themselves, exact and fast when there are fewer vectors than dimensions.
+
+    With centred features A (n, D) and B (m, D), sigma1 sigma2 = A^T A B^T B / c, whose
+    non-zero eigenvalues are those of M M^T for M = A B^T / sqrt(c), c = (n-1)(m-1): so
+    tr sqrt(sigma1 sigma2) is the sum of M's singular values, an (n, m) SVD instead of a
+    (D, D) root. This is the case where sqrtm is worst off (singular covariances)."""
+    a = np.asarray(features1, np.float64)
+    b = np.asarray(features2, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise ValueError(
+            f"frechet_distance_gram: expected two (N >= 2, D) feature sets; got {a.shape}, "
+            f"{b.shape}"
+        )
+    mu1, mu2 = a.mean(0), b.mean(0)
+    a, b = a - mu1, b - mu2
+    n, m = len(a) - 1, len(b) - 1
+    s = np.linalg.svd(a @ b.T / np.sqrt(n * m), compute_uv=False)
+    diff = mu1 - mu2
+    return float(diff @ diff + (a * a).sum() / n + (b * b).sum() / m - 2 * s.sum())

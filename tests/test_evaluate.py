@@ -1,0 +1,157 @@
+"""python -m vqvae.evaluate: the record on a trained checkpoint, --pairs, the protocols, and
+the one-line errors. The networks have the parity data's random weights (real layouts)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vqvae import evaluate as ev
+from vqvae.metrics import ReconstructionMetrics
+from vqvae.metrics.fid import protocol
+
+from .reference.metrics_parity import random_state_dict
+
+PARITY = Path(__file__).parent / "data" / "metrics" / "parity.npz"
+SIZE = 80  # a shrunk FID input (the layout is unchanged), to keep the tests fast
+
+
+@pytest.fixture(scope="module")
+def parity():
+    with np.load(PARITY) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="module")
+def weights(parity, tmp_path_factory):
+    """(inception.npz, lpips_vgg.npz) converted from the reference's random weights."""
+    from vqvae import lpips as vgg_lpips
+    from vqvae.metrics import inception
+
+    d = tmp_path_factory.mktemp("weights")
+    shapes = json.loads(str(parity["inception_shapes"]))
+    np.savez(d / "inception.npz", **inception.convert(random_state_dict(shapes)))
+    vgg = random_state_dict(json.loads(str(parity["lpips_vgg_shapes"])))
+    lin = {k[len("lpips_vgg_") :]: v for k, v in parity.items() if k.startswith("lpips_vgg_lin")}
+    np.savez(d / "lpips.npz", **vgg_lpips.convert(vgg, lin))
+    return d / "inception.npz", d / "lpips.npz"
+
+
+def test_evaluate_a_trained_checkpoint_writes_the_whole_record(
+    trained10, weights, tmp_path, capsys
+):
+    out = tmp_path / "results.json"
+    inception, lpips = weights
+    args = ["--workdir", str(trained10), "--num", "12", "--batch-size", "6", "--quiet"]
+    args += ["--inception", str(inception), "--lpips", str(lpips), "--fid-size", str(SIZE)]
+    args += ["--frechet", "gram"]  # exact for 12 images, and seconds faster than a 2048-d root
+    ev.main([*args, "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["mode"] == "checkpoint" and r["checkpoint"] == str(Path(trained10).resolve())
+    assert r["step"] == 10 and r["source"] == "sample_photos" and r["images"] == 12
+    assert r["protocol"]["name"] == f"pytorch-fid[frechet=gram,size={SIZE}]"
+    assert r["protocol"]["resize"] == "torch" and r["protocol"]["round_uint8"] is True
+    m = r["metrics"]
+    for key in ("rfid", "psnr", "ssim", "lpips"):
+        assert isinstance(m[key], float) and np.isfinite(m[key]), key
+    assert m["lpips_backbone"] == "vgg16" and m["rfid"] > 0
+    cb = m["codebook"]
+    assert cb["vocab_size"] == 32 and 0 < cb["usage"] <= 1 and 1 <= cb["perplexity"] <= 32
+    assert cb["perplexity"] == pytest.approx(2 ** cb["entropy_bits"])
+    assert r["images_per_second"] > 0 and r["skipped"] == {}
+    assert len(r["weights"]["inception_sha256"]) == 64
+    assert "rFID" in capsys.readouterr().out
+
+    # PSNR/SSIM equal the accumulator on the tokenizer's own uint8 reconstructions
+    from vqvae.data import local_examples
+    from vqvae.sources import make_source
+    from vqvae.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(trained10)
+    source = make_source({"source": "sample_photos"}, image_size=16, train=False)
+    x = next(local_examples(source, 12))["image"]
+    acc = ReconstructionMetrics()
+    acc.update(x, tok.reconstruct(x))
+    assert m["psnr"] == pytest.approx(acc.result()["psnr"], rel=1e-12)
+    assert m["ssim"] == pytest.approx(acc.result()["ssim"], rel=1e-12)
+
+    # without weights files PSNR, SSIM and usage still run, and the record says why not FID
+    ev.main(["--workdir", str(trained10), "--num", "4", "--quiet", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["metrics"]["rfid"] is None and r["metrics"]["lpips"] is None
+    assert "--inception" in r["skipped"]["rfid"] and r["metrics"]["psnr"] > 0
+
+
+def _write_pngs(folder: Path, images: np.ndarray) -> None:
+    folder.mkdir()
+    for k, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"{k:03d}.png")
+
+
+def test_pairs_scores_two_folders_of_pngs(parity, weights, tmp_path):
+    a, b = parity["images_a"][:8], parity["images_b"][:8]
+    _write_pngs(tmp_path / "a", a)
+    _write_pngs(tmp_path / "b", b)
+    out = tmp_path / "r.json"
+    args = ["--pairs", str(tmp_path / "a"), str(tmp_path / "b"), "--quiet", "--out", str(out)]
+    ev.main([*args, "--lpips", str(weights[1])])
+    r = json.loads(out.read_text())
+    acc = ReconstructionMetrics()
+    acc.update(a, b)
+    assert r["mode"] == "pairs" and r["images"] == 8 and r["checkpoint"] is None
+    assert r["metrics"]["psnr"] == pytest.approx(acc.result()["psnr"], rel=1e-12)
+    ref = parity["lpips_vgg"][:8].mean()
+    assert r["metrics"]["lpips"] == pytest.approx(float(ref), rel=1e-5)
+    assert "codebook" not in r["metrics"]
+
+    (tmp_path / "b" / "000.png").rename(tmp_path / "b" / "x.png")
+    with pytest.raises(SystemExit, match="the folders hold different files"):
+        ev.main(args)
+
+
+def test_protocol_rounding_and_resize_each_change_fid_and_nothing_else(parity, weights):
+    """The same originals and float reconstructions under three protocols."""
+    a = parity["images_a"][:16]
+    rng = np.random.default_rng(0)
+    recon = np.clip(a + rng.normal(0, 6, a.shape), 0, 255).astype(np.float32)
+    tokens = rng.integers(0, 8, (16, 4, 4))
+
+    def run(**overrides):
+        usage = ev.CodeUsage(8, 1)
+        batches = [(a[:8], recon[:8], tokens[:8]), (a[8:], recon[8:], tokens[8:])]
+        proto = protocol("pytorch-fid", size=SIZE, frechet="gram", **overrides)
+        r = ev.evaluate(
+            batches, proto, inception=weights[0], lpips=weights[1], usage=usage, progress=False
+        )
+        return r["metrics"]
+
+    base, tf1, float_ = run(), run(resize="tf1"), run(round_uint8=False)
+    assert tf1["rfid"] != base["rfid"] and float_["rfid"] != base["rfid"]
+    for m in (tf1, float_):
+        assert m["psnr"] == base["psnr"] and m["ssim"] == base["ssim"]
+        assert m["codebook"] == base["codebook"]
+    assert tf1["lpips"] == base["lpips"]  # the resize is FID's alone
+    assert float_["lpips"] != base["lpips"]  # rounding moves what LPIPS sees too
+
+
+def test_bad_weight_files_are_one_line_naming_the_converter(trained10, tmp_path):
+    args = ["--workdir", str(trained10), "--num", "2", "--quiet"]
+    with pytest.raises(SystemExit) as e:
+        ev.main([*args, "--inception", str(tmp_path / "missing.npz")])
+    msg = str(e.value)
+    assert "missing.npz not found" in msg and "python -m vqvae.metrics.inception" in msg
+    assert "PSNR, SSIM and codebook usage run without it" in msg and "\n" not in msg
+    with pytest.raises(SystemExit, match="vqvae.metrics.perceptual"):
+        ev.main([*args, "--lpips", str(tmp_path / "missing.npz")])
+
+
+def test_code_usage_per_level_and_joint():
+    u = ev.CodeUsage(4, 2)
+    u.update(np.array([[[[0, 1], [0, 1]], [[2, 1], [3, 3]]]]))  # (1, 2, 2, 2)
+    r = u.result()["codebook"]
+    assert r["joint"]["distinct"] == 3
+    assert r["joint"]["perplexity"] == pytest.approx(2 ** (1.5))  # p = 1/2, 1/4, 1/4
+    assert [lv["used"] for lv in r["per_level"]] == [3, 2]
+    assert r["per_level"][0]["usage"] == 0.75
