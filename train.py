@@ -167,7 +167,7 @@ def main(argv):
             _COORDINATOR.value,
             _NUM_PROCESSES.value,
             _PROCESS_ID.value,
-            step_timeout_s=config.get("step_timeout_s", 300),
+            step_timeout_s=config.get("step_timeout_s", distributed.STEP_TIMEOUT_S),
         )
         from vqvae.trainer import Trainer  # the task is config.task's
 

@@ -1,21 +1,29 @@
-"""Defaults shared by every config: each config file starts from ``base()``."""
+"""Defaults: each config file starts from ``base(model, task)``.
+
+The run's shared keys (steps, batch, devices, data, optimizer, logging and checkpoints),
+plus the section of its task alone: a tokenizer's losses, discriminator and codebook
+start; the generators' (prior, maskgit) keys are set by their own config files. Every
+default is written once, here.
+"""
 
 import ml_collections
 
+from vqvae.distributed import STEP_TIMEOUT_S
 from vqvae.model import VQVAEConfig
 
 
-def base(model: VQVAEConfig | dict) -> ml_collections.ConfigDict:
-    """Shared defaults around a model config (a VQVAEConfig, or the prior's settings)."""
+def base(model: VQVAEConfig | dict, task: str = "tokenizer") -> ml_collections.ConfigDict:
+    """Shared defaults around a model config (a VQVAEConfig, or a generator's settings)
+    and the ``task``'s own section."""
     c = ml_collections.ConfigDict()
-    c.task = "tokenizer"  # what is trained: tokenizer or prior (vqvae.tasks)
+    c.task = task  # what is trained: tokenizer, prior or maskgit (vqvae.tasks)
     c.seed = 0
     c.steps = 1000
     c.batch_size = 32
     c.num_devices = 0  # 0: every device
     c.fsdp = False  # shard parameters and optimizer state over the data axis too
     c.distributed = False  # start jax.distributed (also automatic under Slurm / Open MPI)
-    c.step_timeout_s = 300  # several processes: stop when no step ends this long (peer died?)
+    c.step_timeout_s = STEP_TIMEOUT_S  # several processes: stop when no step ends this long
     c.model = model if isinstance(model, dict) else model.to_dict()
 
     c.data = ml_collections.ConfigDict()
@@ -35,6 +43,20 @@ def base(model: VQVAEConfig | dict) -> ml_collections.ConfigDict:
     c.optim.final_lr_fraction = 1.0  # 1.0: constant after warm-up
     c.optim.grad_clip = 0.0  # 0: no clipping
 
+    c.log_every = 50
+    c.eval_every = 500
+    c.eval_batches = 8
+    c.eval_batch_size = 64
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.tensorboard = True
+    if task == "tokenizer":
+        tokenizer_section(c)
+    return c
+
+
+def tokenizer_section(c: ml_collections.ConfigDict) -> None:
+    """The keys only a tokenizer reads: its losses, the discriminator, k-means start."""
     c.kmeans_init = False  # start the codebook from k-means on the first batch's encodings
 
     c.loss = ml_collections.ConfigDict()
@@ -62,13 +84,4 @@ def base(model: VQVAEConfig | dict) -> ml_collections.ConfigDict:
     c.gan.optim.warmup_steps = 0
     c.gan.optim.final_lr_fraction = 1.0
     c.gan.optim.grad_clip = 0.0
-
-    c.log_every = 50
-    c.eval_every = 500
-    c.eval_batches = 8
-    c.eval_batch_size = 64
-    c.checkpoint_every = 500
-    c.keep_checkpoints = 3
     c.dead_code_report_threshold = 1e-3
-    c.tensorboard = True
-    return c

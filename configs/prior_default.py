@@ -20,8 +20,7 @@ from configs.common import base
 
 
 def get_config():
-    c = base(dict(num_classes=0, width=64, depth=2, heads=4, mlp_ratio=4))
-    c.task = "prior"
+    c = base(dict(num_classes=0, width=64, depth=2, heads=4, mlp_ratio=4), task="prior")
     c.tokenizer = "workdir/default"  # a tokenizer workdir (or one of its checkpoints)
     c.label_dropout = 0.1  # class-conditional: labels dropped to unconditional (guidance)
     c.data.source = "sample_photos"

@@ -31,6 +31,8 @@ EXIT_PEER_LOST = 3
 SUPERVISED = "VQVAE_SUPERVISED"  # set in the child a supervisor runs
 PEER_HINT = "Rerun every process to resume from the last checkpoint"
 
+STEP_TIMEOUT_S = 300  # several processes: a step this late means a peer has died
+
 
 def cluster_detected() -> str | None:
     """The launcher that started this process as one of several, if any."""
@@ -49,7 +51,7 @@ def initialize(
     num_processes: int | None = None,
     process_id: int | None = None,
     timeout_s: int = 300,
-    step_timeout_s: int = 300,
+    step_timeout_s: int = STEP_TIMEOUT_S,
 ) -> bool:
     """Start the multi-controller runtime if asked or launched as one of several processes.
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from vqvae import data as data_lib
 from vqvae.checkpoint import CheckpointError, Checkpoints, DamagedCheckpoint, disk_full
-from vqvae.distributed import Watchdog, abandon, peer_lost
+from vqvae.distributed import STEP_TIMEOUT_S, Watchdog, abandon, peer_lost
 from vqvae.errors import UserError
 from vqvae.lock import WorkdirLock
 from vqvae.logs import MetricsLog, Progress, image_grid
@@ -333,7 +333,8 @@ class Trainer:
         primary = jax.process_index() == 0
         metrics_log = MetricsLog(self.workdir, start, cfg.get("tensorboard", True), primary)
         progress = Progress(cfg.steps, start, cfg.batch_size, enabled=primary)
-        watchdog = self.watchdog = Watchdog(cfg.get("step_timeout_s", 0), "waiting for a step")
+        timeout = cfg.get("step_timeout_s", STEP_TIMEOUT_S)
+        watchdog = self.watchdog = Watchdog(timeout, "waiting for a step")
         meta = self.task.meta()
         last_saved, eval_metrics, waited = start, {}, 0.0
         try:
