@@ -26,24 +26,28 @@ def parity():
 
 @pytest.fixture(scope="module")
 def weights(parity, tmp_path_factory):
-    """(inception.npz, lpips_vgg.npz) converted from the reference's random weights."""
+    """(inception.npz, lpips_alex.npz, lpips_vgg.npz) converted from the reference's random
+    weights (AlexNet: the cheaper backbone, for 31 px and up; VGG16 for the 16 px model)."""
     from vqvae import lpips as vgg_lpips
-    from vqvae.metrics import inception
+    from vqvae.metrics import inception, perceptual
 
     d = tmp_path_factory.mktemp("weights")
     shapes = json.loads(str(parity["inception_shapes"]))
     np.savez(d / "inception.npz", **inception.convert(random_state_dict(shapes)))
+    alex = random_state_dict(json.loads(str(parity["lpips_alex_shapes"])))
+    lin = {k[len("lpips_alex_") :]: v for k, v in parity.items() if k.startswith("lpips_alex_lin")}
+    np.savez(d / "lpips.npz", **perceptual.convert_alex(alex, lin))
     vgg = random_state_dict(json.loads(str(parity["lpips_vgg_shapes"])))
     lin = {k[len("lpips_vgg_") :]: v for k, v in parity.items() if k.startswith("lpips_vgg_lin")}
-    np.savez(d / "lpips.npz", **vgg_lpips.convert(vgg, lin))
-    return d / "inception.npz", d / "lpips.npz"
+    np.savez(d / "lpips_vgg.npz", **vgg_lpips.convert(vgg, lin))
+    return d / "inception.npz", d / "lpips.npz", d / "lpips_vgg.npz"
 
 
 def test_evaluate_a_trained_checkpoint_writes_the_whole_record(
     trained10, weights, tmp_path, capsys
 ):
     out = tmp_path / "results.json"
-    inception, lpips = weights
+    inception, _, lpips = weights
     args = ["--workdir", str(trained10), "--num", "12", "--batch-size", "6", "--quiet"]
     args += ["--inception", str(inception), "--lpips", str(lpips), "--fid-size", str(SIZE)]
     args += ["--frechet", "gram"]  # exact for 12 images, and seconds faster than a 2048-d root
@@ -102,7 +106,7 @@ def test_pairs_scores_two_folders_of_pngs(parity, weights, tmp_path):
     acc.update(a, b)
     assert r["mode"] == "pairs" and r["images"] == 8 and r["checkpoint"] is None
     assert r["metrics"]["psnr"] == pytest.approx(acc.result()["psnr"], rel=1e-12)
-    ref = parity["lpips_vgg"][:8].mean()
+    ref = parity["lpips_alex"][:8].mean()
     assert r["metrics"]["lpips"] == pytest.approx(float(ref), rel=1e-5)
     assert "codebook" not in r["metrics"]
 
@@ -120,7 +124,7 @@ def test_protocol_rounding_and_resize_each_change_fid_and_nothing_else(parity, w
 
     def run(**overrides):
         usage = ev.CodeUsage(8, 1)
-        batches = [(a[:8], recon[:8], tokens[:8]), (a[8:], recon[8:], tokens[8:])]
+        batches = [(a, recon, tokens)]
         proto = protocol("pytorch-fid", size=SIZE, frechet="gram", **overrides)
         r = ev.evaluate(
             batches, proto, inception=weights[0], lpips=weights[1], usage=usage, progress=False
@@ -136,7 +140,7 @@ def test_protocol_rounding_and_resize_each_change_fid_and_nothing_else(parity, w
     assert float_["lpips"] != base["lpips"]  # rounding moves what LPIPS sees too
 
 
-def test_bad_weight_files_are_one_line_naming_the_converter(trained10, tmp_path):
+def test_bad_weight_files_are_one_line_naming_the_converter(trained10, weights, tmp_path):
     args = ["--workdir", str(trained10), "--num", "2", "--quiet"]
     with pytest.raises(SystemExit) as e:
         ev.main([*args, "--inception", str(tmp_path / "missing.npz")])
@@ -145,6 +149,8 @@ def test_bad_weight_files_are_one_line_naming_the_converter(trained10, tmp_path)
     assert "PSNR, SSIM and codebook usage run without it" in msg and "\n" not in msg
     with pytest.raises(SystemExit, match="vqvae.metrics.perceptual"):
         ev.main([*args, "--lpips", str(tmp_path / "missing.npz")])
+    with pytest.raises(SystemExit, match="AlexNet LPIPS needs images of at least 31 px"):
+        ev.main([*args, "--lpips", str(weights[1])])  # the tiny model's 16 px images
 
 
 def test_code_usage_per_level_and_joint():

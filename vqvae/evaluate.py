@@ -216,7 +216,10 @@ def evaluate(
         if fid is not None:
             fid.update(originals, scored)
         if lpm is not None:
-            lpm.update(originals, scored)
+            try:
+                lpm.update(originals, scored)
+            except ValueError as e:  # images too small for the backbone
+                raise EvaluateError(str(e)) from None
         if usage is not None and tokens is not None:
             usage.update(tokens)
         bar.update(len(originals))

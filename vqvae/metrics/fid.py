@@ -17,6 +17,7 @@ it divides; otherwise on one), in float32; the statistics add up in float64 on t
 """
 
 import dataclasses
+import functools
 import hashlib
 from pathlib import Path
 
@@ -27,7 +28,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqvae.metrics.frechet import frechet_distance, frechet_distance_gram
-from vqvae.metrics.inception import FEATURE_DIM, FIDInception, load_weights, preprocess
+from vqvae.metrics.inception import (
+    FEATURE_DIM,
+    FIDInception,
+    load_weights,
+    preprocess_with,
+    resize_matrix,
+)
 from vqvae.metrics.stats import FeatureStats, Gaussian
 
 
@@ -80,17 +87,18 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "scaling"))
+def _features(graphdef, state, x, rh, rw, scaling):
+    """One program per network, input shape and scaling: the resize is an argument."""
+    return nnx.merge(graphdef, state)(preprocess_with(x, rh, rw, scaling))
+
+
 class FeatureExtractor:
     """images (B, H, W, 3) on 0..255 (uint8 or float) -> pool features (B, 2048) float32."""
 
     def __init__(self, net: FIDInception, proto: Protocol):
         self.protocol = proto
-        graphdef, self._state = nnx.split(net)
-        self._fn = jax.jit(
-            lambda state, x: nnx.merge(graphdef, state)(
-                preprocess(x, proto.size, proto.resize, proto.scaling)
-            )
-        )
+        self._graphdef, self._state = nnx.split(net)
         devices = jax.local_devices()
         self._mesh = jax.sharding.Mesh(np.array(devices), ("data",))
 
@@ -104,12 +112,14 @@ class FeatureExtractor:
             raise ValueError(f"FID features: expected images (B, H, W, 3); got {x.shape}")
         if x.shape[-1] == 1:  # grey images as RGB, as pytorch-fid's PIL convert("RGB")
             x = np.repeat(x, 3, axis=-1)
-        if x.dtype != np.uint8:
-            x = x.astype(np.float32)
-        n = len(x)
-        if n % self._mesh.size == 0:
+        x = x.astype(np.float32)  # exact for uint8; one program for both input kinds
+        if len(x) % self._mesh.size == 0:
             x = jax.device_put(x, NamedSharding(self._mesh, P("data")))
-        return np.asarray(self._fn(self._state, x), np.float32)
+        p = self.protocol
+        rh = resize_matrix(x.shape[1], p.size, p.resize).astype(np.float32)
+        rw = resize_matrix(x.shape[2], p.size, p.resize).astype(np.float32)
+        out = _features(self._graphdef, self._state, x, rh, rw, p.scaling)
+        return np.asarray(out, np.float32)
 
 
 class FIDMetric:

@@ -265,6 +265,11 @@ def resize(x: jax.Array, size: int, mode: str) -> jax.Array:
     """(B, H, W, C) float32 -> (B, size, size, C) by ``resize_matrix`` on both axes."""
     rh = jnp.asarray(resize_matrix(x.shape[1], size, mode), jnp.float32)
     rw = jnp.asarray(resize_matrix(x.shape[2], size, mode), jnp.float32)
+    return resize_with(x, rh, rw)
+
+
+def resize_with(x: jax.Array, rh: jax.Array, rw: jax.Array) -> jax.Array:
+    """(B, H, W, C) -> (B, out_h, out_w, C) by given (out_h, H) and (out_w, W) matrices."""
     hp = jax.lax.Precision.HIGHEST
     x = jnp.einsum("oh,bhwc->bowc", rh, x, precision=hp)
     return jnp.einsum("pw,bowc->bopc", rw, x, precision=hp)
@@ -275,12 +280,18 @@ def preprocess(images: jax.Array, size: int, resize_mode: str, scaling: str) -> 
 
     ``scaling``: ``"unit"`` (pytorch-fid: x/255 then resize then 2x-1) or ``"128"``
     (torch-fidelity: resize the 0..255 values then (x-128)/128)."""
+    rh = jnp.asarray(resize_matrix(images.shape[1], size, resize_mode), jnp.float32)
+    rw = jnp.asarray(resize_matrix(images.shape[2], size, resize_mode), jnp.float32)
+    return preprocess_with(images, rh, rw, scaling)
+
+
+def preprocess_with(images: jax.Array, rh: jax.Array, rw: jax.Array, scaling: str) -> jax.Array:
+    """``preprocess`` with the resize matrices given (so one program serves both resizes)."""
     x = images.astype(jnp.float32)
     if scaling == "unit":
-        x = resize(x / 255.0, size, resize_mode)
-        return 2.0 * x - 1.0
+        return 2.0 * resize_with(x / 255.0, rh, rw) - 1.0
     if scaling == "128":
-        return (resize(x, size, resize_mode) - 128.0) / 128.0
+        return (resize_with(x, rh, rw) - 128.0) / 128.0
     raise ValueError(f"preprocess: scaling is 'unit' or '128'; got {scaling!r}")
 
 

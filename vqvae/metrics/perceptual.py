@@ -28,6 +28,7 @@ ALEX_FEATURES = [0, 3, 6, 8, 10]  # torchvision alexnet.features indices of the 
 ALEX_CONV = [(11, 4, 2), (5, 1, 2), (3, 1, 1), (3, 1, 1), (3, 1, 1)]  # kernel, stride, padding
 ALEX_CHANNELS = [(3, 64), (64, 192), (192, 384), (384, 256), (256, 256)]
 ALEX_POOL_BEFORE = (1, 2)  # a 3x3/2 max-pool before convolutions 1 and 2
+ALEX_MIN_SIZE = 31  # smaller images leave nothing after the second pool
 
 
 def _unit(a):
@@ -51,6 +52,11 @@ class AlexLPIPS(nnx.Module):
 
     def features(self, x: jax.Array) -> list[jax.Array]:
         """x (B, H, W, 3) in [-1, 1] -> the five ReLU activations."""
+        if min(x.shape[1:3]) < ALEX_MIN_SIZE:
+            raise ValueError(
+                f"AlexNet LPIPS needs images of at least {ALEX_MIN_SIZE} px (got "
+                f"{x.shape[1]}x{x.shape[2]}); use the VGG16 weights for smaller images"
+            )
         h = (x - vgg_lpips.SHIFT) / vgg_lpips.SCALE
         taps = []
         for k, (kernel, bias) in enumerate(zip(self.kernels, self.biases, strict=True)):
