@@ -21,6 +21,7 @@ runs, not how fast anything is.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -92,6 +93,28 @@ QUICK_TRAIN = {
         ),
         batch=2,
     ),
+}
+
+
+# The VQGAN-family presets at their released shapes (256 px), at the batch a CPU can take;
+# --quick: one of them at 32 px and a small width, to prove the case runs.
+VQGAN_PRESETS = (
+    "taming-f16-16384",
+    "taming-f16-1024",
+    "maskgit-f16-1024",
+    "llamagen-vq16",
+    "llamagen-vq8",
+)
+PRESET_CASES = {name: dict(model=PRESETS[name], batch=2) for name in VQGAN_PRESETS}
+_SMALL = PRESETS["llamagen-vq16"]
+QUICK_PRESETS = {
+    "llamagen-vq16 at 32 px": dict(
+        model=_SMALL.replace(
+            image_size=32,
+            vqgan=dataclasses.replace(_SMALL.vqgan, ch=32, ch_mult=(1, 2), attn_resolutions=(16,)),
+        ),
+        batch=2,
+    )
 }
 
 
@@ -289,6 +312,10 @@ def cases(presets: list[str], quick: bool) -> dict:
         for variant in LOOKUP_VARIANTS[: None if name == "lookup" else -1]:
             fn = partial(bench_lookup, name, n, k, d, variant, warmup, iters)
             out[f"{name} {variant}"] = ("lookup", fn)
+    preset_warmup, preset_iters = (1, 2) if quick else (1, 3)  # seconds per step on a CPU
+    for name, case in (QUICK_PRESETS if quick else PRESET_CASES).items():
+        fn = partial(bench_train, name, case, preset_warmup, preset_iters, compare=False)
+        out[f"preset {name}"] = ("preset", fn)
     base_case = train_cases["sonnet-cifar"]
     for kind, qc in QUANTIZER_KINDS.items():
         case = {**base_case, "model": base_case["model"].replace(quantizer=qc)}

@@ -29,6 +29,9 @@ def test_quick_benchmark_suite_runs(tmp_path):
         assert r["images_per_s"] > 0 and r["compile_s"] > 0 and r["tflops"] > 0
         assert r["program_bytes"] > r["temp_bytes"] > 0
         assert r["nnx_jit_over_split_merge"] > 0
+    (preset,) = result["preset"]  # a VQGAN preset, shrunk
+    assert preset["case"] == "train llamagen-vq16 at 32 px" and preset["step_ms"] > 0
+    assert preset["program_bytes"] > preset["temp_bytes"] > 0
     lookup = {r["case"]: r for r in result["lookup"]}
     assert any("naive full matrix" in c for c in lookup) and any("rerank" in c for c in lookup)
     for case, r in lookup.items():
