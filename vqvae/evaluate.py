@@ -183,7 +183,7 @@ def evaluate(
     from tqdm import tqdm
 
     from vqvae.metrics import perceptual
-    from vqvae.metrics.stats import read_adm_reference, read_stats
+    from vqvae.metrics.stats import read_stats
 
     skipped = {}
     fid = None
@@ -193,13 +193,11 @@ def evaluate(
     if extractor is None:
         skipped["rfid"] = why
     else:
-        reference = None
-        if reference_stats:
-            try:
-                reference = read_stats(reference_stats)
-            except (KeyError, ValueError):
-                reference = read_adm_reference(reference_stats).pool
-        fid = FIDMetric(extractor, reference)
+        try:  # pytorch-fid's files and ADM reference batches both hold the pool mu, sigma
+            reference = read_stats(reference_stats) if reference_stats else None
+            fid = FIDMetric(extractor, reference)
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            raise EvaluateError(f"--reference-stats: {e}") from None
     lp, why = _weights_or_reason(lpips, "lpips", perceptual.load)
     lpm = None
     if lp is None:
