@@ -179,3 +179,21 @@ def test_a_vqgan_tokenizer_trains_tokenizes_exports_and_feeds_the_prior(tmp_path
     p.data.source, p.data.val_fraction = f"tokens:{tmp_path / 'tokens'}", 0.3
     p.model = ml_collections.ConfigDict(dict(num_classes=0, width=16, depth=1, heads=2))
     assert np.isfinite(Trainer(p, tmp_path / "prior").train()["bits_per_token"])
+
+
+@pytest.mark.parametrize("name", ["taming-f16-16384", "maskgit-f16-1024", "tiny"])
+def test_the_report_counts_every_attention_block_the_net_builds(name):
+    from configs import tiny_vqgan
+    from vqvae.report import _attention_cost
+
+    if name == "tiny":
+        config = VQVAEConfig.from_dict(dict(tiny_vqgan.get_config().model))
+    else:
+        config = PRESETS[name]
+    model = nnx.eval_shape(lambda: config.build(nnx.Rngs(0)))
+    built = [x for _, x in nnx.iter_graph(model) if isinstance(x, AttnBlock)]
+    sides = config.vqgan.attention_sides(config.image_size)
+    assert len(built) == len(sides)
+    cost = _attention_cost(config)
+    assert cost["attention_blocks"] == len(sides)
+    assert cost["attention_logits_mib_per_image"] == sum(s**4 * 4 for s in sides) / 2**20

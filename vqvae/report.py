@@ -81,6 +81,22 @@ def static_figures(config: VQVAEConfig) -> dict:
         "bits_per_image": bits,
         "raw_bits_per_image": raw,
         "compression_ratio": raw / bits,
+        **_attention_cost(config),
+    }
+
+
+def _attention_cost(config: VQVAEConfig) -> dict:
+    """What the VQGAN net's attention costs per image: its blocks, the largest grid, and the
+    float32 (N, N) logits of every block together, which XLA's unfused path materialises
+    (and training keeps for the backward pass); a fused kernel (cuDNN) does not."""
+    if config.net != "vqgan":
+        return {}
+    sides = config.vqgan.attention_sides(config.image_size)
+    logits = sum((s * s) ** 2 * 4 for s in sides)
+    return {
+        "attention_blocks": len(sides),
+        "attention_largest_grid": f"{max(sides)}x{max(sides)}" if sides else "-",
+        "attention_logits_mib_per_image": logits / 2**20,
     }
 
 

@@ -87,6 +87,19 @@ class VQGANConfig:
     def widths(self) -> list[int]:
         return [self.ch * m for m in self.ch_mult]
 
+    def attention_sides(self, image_size: int) -> list[int]:
+        """The grid side of every attention block, encoder then decoder, middle included
+        (what the nets below build: one after each res block of a level in
+        ``attn_resolutions``, the decoder's levels having one block more in taming)."""
+        levels = len(self.ch_mult)
+        sides = [image_size // 2**i for i in range(levels)]  # each level's grid side
+        low = sides[-1]
+        decoder_blocks = self.num_res_blocks + (1 if self.style == "taming" else 0)
+        enc = [r for r in sides if r in self.attn_resolutions for _ in range(self.num_res_blocks)]
+        dec = [r for r in sides if r in self.attn_resolutions for _ in range(decoder_blocks)]
+        mid = [low] if self.mid_attention else []
+        return enc + mid + mid + dec
+
 
 def _norm(channels: int, dtype, rngs: nnx.Rngs) -> nnx.GroupNorm:
     return nnx.GroupNorm(channels, num_groups=32, epsilon=NORM_EPS, dtype=dtype, rngs=rngs)
