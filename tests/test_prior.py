@@ -347,3 +347,16 @@ def test_flip_export_round_trips_and_the_source_draws_one_view_per_example(train
     assert 5 < sum(flipped) < 35  # both views drawn, about half each
     with pytest.raises(ValueError, match="augment must be one of"):
         export_tokens(tok, "sample_photos", tmp_path / "bad", augment="tencrop")
+
+
+@pytest.mark.slow  # a short training
+def test_the_prior_trains_on_a_flip_export(trained10, tmp_path):
+    from vqvae.export import export_tokens
+    from vqvae.tokenizer import Tokenizer
+
+    out = tmp_path / "flip"
+    export_tokens(Tokenizer.load(trained10), "sample_photos", out, augment="flip", log=print)
+    c = _prior_config(trained10, steps=2, eval_every=2, checkpoint_every=2)
+    c.data.source, c.data.val_fraction = f"tokens:{out}", 0.1
+    result = Trainer(c, tmp_path / "prior").train()
+    assert 0 < result["bits_per_token"] < 8 and result["examples"] == 32
