@@ -5,10 +5,10 @@ the figures equal scikit-image's), and the per-image values are summed on the ho
 float64; the result is their mean over every image seen. Several processes each update
 with their own images and add their ``state()`` vectors (or ``merge`` accumulators).
 
-The seam for the feature metrics (FID's Inception statistics, LPIPS): ``extra`` takes
-objects with ``update(originals, reconstructions)`` and ``result() -> dict``; every batch
-goes to them too and their figures join the result. None ship yet: FID and LPIPS are not
-computed here until such a metric is written and passed in.
+The seam for the feature metrics: ``extra`` takes objects with ``update(originals,
+reconstructions)`` and ``result() -> dict``; every batch goes to them too and their figures
+join the result. ``vqvae.metrics.FIDMetric`` (rFID) and ``vqvae.metrics.LPIPSMetric`` are
+two such metrics; ``vqvae.evaluate`` uses them.
 """
 
 from typing import Protocol
