@@ -106,7 +106,12 @@ class Trainer:
         self.config = config
         self.workdir = Path(workdir).expanduser()
         self.stop = stop or StopRequest()
+        from vqvae.convert.finetune import prepare  # config.init_from: the source's model
+
+        self.init_source = prepare(config)
         self.task = task or make_task(config, arrays)
+        if self.init_source is not None:  # said in the checkpoints' meta
+            self.task.init_from = self.init_source.record
         self.model_config = self.task.model_config
         self.lr_at = make_schedule(config.optim, config.steps)  # for the log: lr after n updates
         self.mesh = make_mesh(config.get("num_devices") or None)
@@ -199,6 +204,8 @@ class Trainer:
             stats = multihost_utils.broadcast_one_to_all(self.task.stats)
             self.task.stats = {k: float(v) for k, v in stats.items()}
         state = self.init_state()
+        if self.init_source is not None:  # fine-tuning: its weights, a fresh optimizer
+            state = self.init_source.apply(state, self.shardings)
         if self.config.get("kmeans_init", False):
             with self.train_batches(0) as first, jax.set_mesh(self.mesh):
                 state = self.task.first_state(state, next(first), self.graphdef, self.shardings)

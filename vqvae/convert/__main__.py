@@ -25,19 +25,20 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         if a.command == "export":
-            from vqvae.convert.export import export_original, export_safetensors
+            from vqvae.convert.export import export_original, export_safetensors, load_workdir
 
             if not (a.to or a.to_taming or a.to_llamagen):
                 raise ConvertError("export needs --to DIR, --to-taming FILE or --to-llamagen FILE")
+            loaded = load_workdir(a.workdir, a.step)
             if a.to:
-                print(export_safetensors(a.workdir, a.to, a.step, a.full))
+                print(export_safetensors(a.workdir, a.to, a.step, a.full, loaded))
             if a.to_taming:
-                print(export_original(a.workdir, a.to_taming, "taming", a.step))
+                print(export_original(a.workdir, a.to_taming, "taming", a.step, loaded))
             if a.to_llamagen:
-                print(export_original(a.workdir, a.to_llamagen, "llamagen", a.step))
+                print(export_original(a.workdir, a.to_llamagen, "llamagen", a.step, loaded))
         else:
             print(convert(a.command, a.file, a.workdir, a.preset))
-    except (ConvertError, FileNotFoundError) as err:
+    except (ConvertError, FileNotFoundError) as err:  # CheckpointError is one
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -266,14 +267,15 @@ def match(
 
 
 def build_with(config: VQVAEConfig, params: dict[Path_, np.ndarray]) -> VQVAE:
-    """The model of ``config`` holding ``params`` (every parameter given)."""
-    model = config.build(nnx.Rngs(0))
-    state = nnx.state(model, nnx.Param)
-    flat = dict(nnx.to_flat_state(state))
-    for path, value in params.items():
-        flat[path].set_value(jnp.asarray(value, jnp.float32))
-    nnx.update(model, state)
-    return model
+    """The model of ``config`` holding ``params`` (every parameter given). Built abstractly:
+    only the few non-parameter arrays (codebook statistics, keys) are made, in one program,
+    rather than every random initialiser run op by op."""
+    abstract = nnx.eval_shape(lambda: config.build(nnx.Rngs(0)))
+    graphdef, state, _ = nnx.split(abstract, nnx.Param, ...)
+    rest = jax.jit(lambda: nnx.split(config.build(nnx.Rngs(0)), nnx.Param, ...)[2])()
+    for path, var in nnx.to_flat_state(state):
+        var.set_value(jnp.asarray(params[tuple(path)], jnp.float32))
+    return nnx.merge(graphdef, state, rest)
 
 
 def write_workdir(workdir: str | Path, model: VQVAE, config: VQVAEConfig, source: dict) -> Path:

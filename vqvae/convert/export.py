@@ -29,19 +29,22 @@ def _name(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def _load_workdir(workdir: str | Path, step: int | None = None) -> tuple[VQVAE, dict]:
+def load_workdir(workdir: str | Path, step: int | None = None) -> tuple[VQVAE, dict]:
     from vqvae.checkpoint import load_model
 
     return load_model(Path(workdir).expanduser(), step)
 
 
-def export_safetensors(workdir, to, step: int | None = None, full: bool = False) -> Path:
+def export_safetensors(
+    workdir, to, step: int | None = None, full: bool = False, loaded: tuple | None = None
+) -> Path:
     """``to/model.safetensors`` and ``to/config.json`` from a workdir's checkpoint; with
     ``full`` also ``to/train.safetensors``: the training state beside the model (the
-    discriminator, both optimizers' states, the step), named by their paths."""
+    discriminator, both optimizers' states, the step), named by their paths. ``loaded``:
+    the workdir's (model, meta) where the caller has them already."""
     from safetensors.numpy import save_file
 
-    model, meta = _load_workdir(workdir, step)
+    model, meta = loaded or load_workdir(workdir, step)
     config = VQVAEConfig.from_dict(meta["model"])
     to = Path(to).expanduser()
     to.mkdir(parents=True, exist_ok=True)
@@ -126,10 +129,12 @@ def original_state_dict(model: VQVAE, config: VQVAEConfig, family: str) -> dict:
             for p, a in params.items()}  # fmt: skip
 
 
-def export_original(workdir, to, family: str, step: int | None = None) -> Path:
+def export_original(
+    workdir, to, family: str, step: int | None = None, loaded: tuple | None = None
+) -> Path:
     """``to`` (.safetensors: no torch needed; .ckpt/.pt: a torch file in the original's
     container) holding the workdir's tokenizer in taming's or LlamaGen's layout."""
-    model, meta = _load_workdir(workdir, step)
+    model, meta = loaded or load_workdir(workdir, step)
     sd = original_state_dict(model, VQVAEConfig.from_dict(meta["model"]), family)
     to = Path(to).expanduser()
     to.parent.mkdir(parents=True, exist_ok=True)

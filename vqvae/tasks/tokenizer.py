@@ -38,6 +38,10 @@ class TokenizerTask(Task):
             self.disc_tx = make_optimizer(gan.optim, config.steps)
             self.disc_graphdef = nnx.graphdef(nnx.eval_shape(lambda: self.discriminator(0)))
         self.lpips = self._perceptual()
+        if config.get("freeze", ""):  # decoder-only fine-tuning (vqvae.convert.finetune)
+            from vqvae.convert.finetune import freeze_optimizer
+
+            self.tx = freeze_optimizer(self.tx, config.freeze, self.model_config)
         pixel = config.loss.get("pixel", "mse")
         if pixel not in ("mse", "l1"):
             raise ValueError(f"loss.pixel must be 'mse' or 'l1', got {pixel!r}")
@@ -283,7 +287,10 @@ class TokenizerTask(Task):
         return reconstruct
 
     def meta(self):
-        return {**super().meta(), "data_variance": self.stats["data_variance"]}
+        meta = {**super().meta(), "data_variance": self.stats["data_variance"]}
+        if getattr(self, "init_from", None):  # set by the trainer when fine-tuning
+            meta["init_from"] = self.init_from
+        return meta
 
 
 def pixel_loss(recon: jax.Array, x: jax.Array, kind: str, variance=1.0) -> jax.Array:
