@@ -319,3 +319,29 @@ def test_finetune_with_frozen_encoder_and_codebook(imported, tokenizers, tmp_pat
         k.startswith("opt.") for k in train
     )
     assert train["step"].reshape(-1).tolist() == [3]
+
+
+@pytest.mark.slow  # a few minutes on a 2-core CPU
+@pytest.mark.skipif(not CIFAR.is_dir(), reason="needs the CIFAR-10 folder")
+def test_finetune_an_imported_model_on_cifar10(imported, tokenizers, tmp_path):
+    """A few hundred steps from an imported (random-weight) taming model on CIFAR-10, its
+    fresh discriminator joining half-way: the reconstructions of CIFAR images improve."""
+    from PIL import Image
+
+    from vqvae.tokenizer import Tokenizer
+    from vqvae.trainer import Trainer
+
+    c = _finetune_config(imported["taming"], steps=300, checkpoint_every=300)
+    c.optim.lr, c.gan.start_step, c.log_every = 1e-3, 150, 50
+    Trainer(c, tmp_path / "ft").train()
+    files = sorted(CIFAR.glob("*/*.jpg"))[::997][:32]
+    x = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+
+    def mse(tok):
+        return float(np.mean((tok.reconstruct(x).astype(np.float32) - x) ** 2))
+
+    tuned = Tokenizer.load(tmp_path / "ft")
+    before, after = mse(tokenizers["taming"][0]), mse(tuned)
+    assert after < 0.5 * before, (before, after)
+    lines = (tmp_path / "ft" / "metrics.jsonl").read_text()
+    assert '"disc_loss"' in lines

@@ -119,6 +119,8 @@ class _TorchUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
             return _rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return lambda data, *_: data
         if module == "torch" and name in _STORAGES:
             return name
         if module == "collections" and name == "OrderedDict":
