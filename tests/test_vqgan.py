@@ -1,13 +1,15 @@
 """The VQGAN net family: presets shaped like the released models, attention against NumPy,
 the resampling choices, the sharded step, and a tiny VQGAN tokenizer end to end."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from vqvae.model import PRESETS, VQVAEConfig
+from vqvae.model import PRESETS, VQVAEConfig, to_model_range
 from vqvae.nets import VQGANConfig
 from vqvae.nets.vqgan import AttnBlock, Downsample, ResnetBlock, attention
 
@@ -197,3 +199,77 @@ def test_the_report_counts_every_attention_block_the_net_builds(name):
     cost = _attention_cost(config)
     assert cost["attention_blocks"] == len(sides)
     assert cost["attention_logits_mib_per_image"] == sum(s**4 * 4 for s in sides) / 2**20
+
+
+def _dropout_pair(rate):
+    """A tiny VQGAN model with ``dropout=rate`` holding the weights of the same model with
+    dropout 0 (the state trees must agree for that), and that dropout-0 model."""
+    base = VQVAEConfig.from_dict(dict(_tiny_vqgan().model))
+    plain = base.build(nnx.Rngs(0))
+    dropped = base.replace(vqgan=dataclasses.replace(base.vqgan, dropout=rate))
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: dropped.build(nnx.Rngs(0))))
+    return nnx.merge(graphdef, nnx.state(plain)), plain
+
+
+def test_dropout_zero_builds_the_same_state_and_dropout_is_off_outside_training():
+    from vqvae.model import dropout_rngs
+
+    from .conftest import photos
+
+    model, plain = _dropout_pair(0.5)
+    # the same state tree as dropout 0 (which builds no dropout at all): checkpoints agree
+    assert jax.tree.structure(nnx.state(model)) == jax.tree.structure(nnx.state(plain))
+    x = to_model_range(photos(4))
+    # evaluation, tokenizing, export: no rngs, no dropout, the dropout-0 model's outputs
+    np.testing.assert_array_equal(model(x).reconstruction, plain(x).reconstruction)
+    np.testing.assert_array_equal(model.encode_to_indices(x), plain.encode_to_indices(x))
+    # training: masks in every res block, drawn from the seed and step alone
+    z = model.encode(x, rngs=dropout_rngs(0, 3))
+    assert not np.allclose(z, plain.encode(x), atol=1e-3)
+    np.testing.assert_array_equal(z, model.encode(x, rngs=dropout_rngs(0, 3)))
+    assert not np.allclose(z, model.encode(x, rngs=dropout_rngs(0, 4)), atol=1e-3)
+    h = plain.features(plain.quantizer(z).quantized)
+    assert not np.allclose(model.features(plain.quantizer(z).quantized, rngs=dropout_rngs(0, 3)), h)
+    # a model without dropout ignores the rngs: training equals evaluation
+    np.testing.assert_array_equal(plain.encode(x, rngs=dropout_rngs(0, 3)), plain.encode(x))
+    with pytest.raises(ValueError, match=r"vqgan.dropout must be in \[0, 1\), got 1.0"):
+        VQGANConfig(dropout=1.0)
+
+
+def test_dropout_follows_taming_between_the_second_swish_and_conv2():
+    block = ResnetBlock(32, 64, "taming", jnp.float32, dropout=0.5, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 4, 4, 32)), jnp.float32)
+    key = jax.random.key(7)
+    h = jax.nn.silu(block.norm2(block.conv1(jax.nn.silu(block.norm1(x)))))
+    keep = jax.random.bernoulli(jax.random.fold_in(key, 0), 0.5, h.shape)
+    expected = block.nin_shortcut(x) + block.conv2(jnp.where(keep, h / 0.5, 0.0))
+    np.testing.assert_allclose(block(x, rngs=nnx.Rngs(dropout=key)), expected, rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(block(x), block.nin_shortcut(x) + block.conv2(h), rtol=1e-5)
+
+
+def test_a_vqgan_tokenizer_with_dropout_trains_and_resumes_exactly(tmp_path):
+    from vqvae.trainer import Trainer
+
+    from .test_trainer import _assert_trees_close
+
+    def run(steps, workdir):
+        c = _tiny_vqgan(steps=steps, checkpoint_every=1, eval_every=2, eval_batches=1)
+        c.model.vqgan.dropout = 0.5
+        trainer = Trainer(c, workdir)
+        trainer.train()
+        return jax.device_get(trainer.state)
+
+    run(1, tmp_path / "split")
+    resumed = run(2, tmp_path / "split")  # step 2 after a restart from step 1's checkpoint
+    straight = run(2, tmp_path / "straight")
+    _assert_trees_close(resumed, straight, rtol=0, atol=0)
+    # and dropout is on in training: the same run without it ends elsewhere
+    c = _tiny_vqgan(steps=2, checkpoint_every=2, eval_every=2, eval_batches=1)
+    off = Trainer(c, tmp_path / "off")
+    off.train()
+    off_params = jax.tree.leaves(jax.device_get(off.state["params"]))
+    assert any(
+        not np.allclose(a, b, atol=1e-6)
+        for a, b in zip(off_params, jax.tree.leaves(straight["params"]), strict=True)
+    )

@@ -180,6 +180,16 @@ PRESETS = {
 }
 
 
+DROPOUT_STREAM = 2  # folded into the seed's key (k-means init takes 1): the dropout's own
+
+
+def dropout_rngs(seed: int, step: jax.Array) -> nnx.Rngs:
+    """The train step's dropout stream: from the run's seed and the step alone, so a
+    resumed run draws the same masks as one that never stopped."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), DROPOUT_STREAM), step)
+    return nnx.Rngs(dropout=key)
+
+
 class ModelOutput(NamedTuple):
     reconstruction: jax.Array  # (B, H, W, C) float32
     indices: jax.Array  # (B, h, w) int32, or (B, h, w, L) with L residual levels
@@ -188,10 +198,15 @@ class ModelOutput(NamedTuple):
 
 
 class VQVAE(nnx.Module):
-    """Encoder, quantizer (any kind; always float32) and decoder, built from the config."""
+    """Encoder, quantizer (any kind; always float32) and decoder, built from the config.
+
+    ``rngs`` (the train step's ``dropout_rngs``) turns on the nets' dropout where they have
+    one (VQGAN with ``dropout`` > 0); without it, and for every other net, there is none.
+    """
 
     def __init__(self, config: VQVAEConfig, *, rngs: nnx.Rngs):
         c, dtype = config, DTYPES[config.compute_dtype]
+        self.has_dropout = c.net == "vqgan" and c.vqgan.dropout > 0
         if c.net == "vqgan":
             size = (c.vqgan, c.image_size)
             self.encoder = VQGANEncoder(*size, c.channels, c.code_dim, dtype=dtype, rngs=rngs)
@@ -213,13 +228,21 @@ class VQVAE(nnx.Module):
         self.quantizer = c.quantizer.build(c.code_dim, rngs)
         self.decoder = Decoder(c.channels, levels, c.code_dim, **net)
 
-    def encode(self, x: jax.Array) -> jax.Array:
-        """Images (B, H, W, C) in the training range -> continuous codes (B, h, w, D) float32."""
-        return self.encoder(x).astype(jnp.float32)
+    def _train(self, rngs: nnx.Rngs | None) -> dict:
+        """The nets' keyword arguments: the dropout stream where they use one."""
+        return {"rngs": rngs} if self.has_dropout and rngs is not None else {}
 
-    def decode(self, z_q: jax.Array) -> jax.Array:
+    def encode(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Images (B, H, W, C) in the training range -> continuous codes (B, h, w, D) float32."""
+        return self.encoder(x, **self._train(rngs)).astype(jnp.float32)
+
+    def decode(self, z_q: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
         """Quantized codes (B, h, w, D) -> images (B, H, W, C) float32."""
-        return self.decoder(z_q).astype(jnp.float32)
+        return self.decoder(z_q, **self._train(rngs)).astype(jnp.float32)
+
+    def features(self, z_q: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Quantized codes -> the decoder's last layer's input (compute dtype)."""
+        return self.decoder.features(z_q, **self._train(rngs))
 
     def encode_to_indices(self, x: jax.Array) -> jax.Array:
         """Images (B, H, W, C) -> token ids (B, h, w) int32 ((B, h, w, L) with levels)."""
@@ -229,9 +252,11 @@ class VQVAE(nnx.Module):
         """Token ids (B, h, w) ((B, h, w, l): the first l levels) -> images float32."""
         return self.decode(self.quantizer.lookup(indices))
 
-    def __call__(self, x: jax.Array, *, train: bool = False) -> ModelOutput:
-        q = self.quantizer(self.encode(x), train=train)
-        return ModelOutput(self.decode(q.quantized), q.indices, q.loss, q.metrics)
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
+    ) -> ModelOutput:
+        q = self.quantizer(self.encode(x, rngs=rngs), train=train)
+        return ModelOutput(self.decode(q.quantized, rngs=rngs), q.indices, q.loss, q.metrics)
 
 
 def vqvae_loss(

@@ -44,6 +44,7 @@ class VQGANConfig:
     attn_resolutions: tuple[int, ...] = (16,)  # grid sides (pixels) with attention
     mid_attention: bool = True  # attention between the two middle blocks
     z_channels: int = 256  # the encoder's output width before quant_conv
+    # taming's: in every res block, between the second swish and conv2; training only
     dropout: float = 0.0
     style: str = "taming"  # block layout: "taming" (also LlamaGen's) or "maskgit"
     # down-sampling: "asymmetric" (taming: zero pad bottom/right, 3x3 stride-2 conv),
@@ -66,8 +67,8 @@ class VQGANConfig:
             )
         if not self.ch_mult or self.num_res_blocks < 1:
             raise ValueError("vqgan needs at least one level and one res block per level")
-        if self.dropout != 0.0:
-            raise ValueError("vqgan.dropout other than 0 is not supported (every preset uses 0)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"vqgan.dropout must be in [0, 1), got {self.dropout}")
         if self.style == "maskgit" and (self.attn_resolutions or self.mid_attention):
             raise ValueError(
                 "the maskgit style has no attention: set attn_resolutions=() and "
@@ -113,14 +114,20 @@ def _conv(cin: int, cout: int, k: int, dtype, rngs, *, bias=True, stride=1, padd
 
 class ResnetBlock(nnx.Module):
     """norm-swish-conv3x3 twice, plus the input (through a 1x1 conv where widths differ).
-    ``style="maskgit"``: no biases, and the 1x1 conv applies to the block's output."""
+    ``style="maskgit"``: no biases, and the 1x1 conv applies to the block's output.
 
-    def __init__(self, cin: int, cout: int, style: str, dtype, *, rngs: nnx.Rngs):
+    ``dropout`` > 0: taming's dropout before ``conv2``, applied only when the call is given
+    ``rngs`` (the train step's); a block with dropout 0 has no dropout module, so its state
+    is that of a block built before dropout existed."""
+
+    def __init__(self, cin: int, cout: int, style: str, dtype, *, dropout: float = 0.0,
+                 rngs: nnx.Rngs):  # fmt: skip
         bias = style == "taming"
         self.style = style
         self.norm1 = _norm(cin, dtype, rngs)
         self.conv1 = _conv(cin, cout, 3, dtype, rngs, bias=bias)
         self.norm2 = _norm(cout, dtype, rngs)
+        self.dropout = nnx.Dropout(dropout) if dropout else None  # no state: keys come per call
         self.conv2 = _conv(cout, cout, 3, dtype, rngs, bias=bias)
         if cin == cout:
             self.nin_shortcut = None
@@ -128,9 +135,12 @@ class ResnetBlock(nnx.Module):
             self.nin_shortcut = _conv(cout if style == "maskgit" else cin, cout, 1, dtype, rngs,
                                       bias=bias)  # fmt: skip
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         h = self.conv1(jax.nn.silu(self.norm1(x)))
-        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        h = jax.nn.silu(self.norm2(h))
+        if self.dropout is not None and rngs is not None:  # training
+            h = self.dropout(h, rngs=rngs)
+        h = self.conv2(h)
         if self.nin_shortcut is None:
             return x + h
         return h + self.nin_shortcut(h if self.style == "maskgit" else x)
@@ -200,9 +210,9 @@ class Level(nnx.Module):
         self.block, self.attn = nnx.List(blocks), nnx.List(attn)
         self.downsample, self.upsample = downsample, upsample
 
-    def __call__(self, h: jax.Array) -> jax.Array:
+    def __call__(self, h: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         for i, block in enumerate(self.block):
-            h = block(h)
+            h = block(h, rngs)
             if len(self.attn):
                 h = self.attn[i](h)
         if self.downsample is not None:
@@ -220,17 +230,21 @@ class Mid(nnx.Module):
         self.block = nnx.List(blocks)
         self.attn_1 = attn
 
-    def __call__(self, h: jax.Array) -> jax.Array:
+    def __call__(self, h: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         for i, block in enumerate(self.block):
-            h = block(h)
+            h = block(h, rngs)
             if i == 0 and self.attn_1 is not None:
                 h = self.attn_1(h)
         return h
 
 
+def _block(config: VQGANConfig, cin: int, cout: int, dtype, rngs) -> ResnetBlock:
+    return ResnetBlock(cin, cout, config.style, dtype, dropout=config.dropout, rngs=rngs)
+
+
 def _mid(config: VQGANConfig, width: int, dtype, rngs) -> Mid:
     n = 2 if config.style == "taming" else config.num_res_blocks
-    blocks = [ResnetBlock(width, width, config.style, dtype, rngs=rngs) for _ in range(n)]
+    blocks = [_block(config, width, width, dtype, rngs) for _ in range(n)]
     return Mid(blocks, AttnBlock(width, dtype, rngs=rngs) if config.mid_attention else None)
 
 
@@ -245,7 +259,7 @@ class VQGANEncoder(nnx.Module):
         for i, width in enumerate(widths):
             blocks, attn = [], []
             for _ in range(c.num_res_blocks):
-                blocks.append(ResnetBlock(cin, width, c.style, dtype, rngs=rngs))
+                blocks.append(_block(c, cin, width, dtype, rngs))
                 cin = width
                 if res in c.attn_resolutions:
                     attn.append(AttnBlock(width, dtype, rngs=rngs))
@@ -265,11 +279,12 @@ class VQGANEncoder(nnx.Module):
                 _conv(c.z_channels, code_dim, 1, dtype, rngs) if c.quant_conv else None
             )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """``rngs``: the train step's dropout stream; None (evaluation): no dropout."""
         h = self.conv_in(x + self.input_offset if self.input_offset else x)  # (B, R, R, ch)
         for level in self.down:
-            h = level(h)
-        h = self.mid(h)  # (B, R/f, R/f, ch * ch_mult[-1])
+            h = level(h, rngs)
+        h = self.mid(h, rngs)  # (B, R/f, R/f, ch * ch_mult[-1])
         h = self.conv_out(jax.nn.silu(self.norm_out(h)))
         return h if self.quant_conv is None else self.quant_conv(h)  # (B, R/f, R/f, code_dim)
 
@@ -297,7 +312,7 @@ class VQGANDecoder(nnx.Module):
         for i in reversed(range(len(widths))):
             blocks, attn = [], []
             for _ in range(per_level):
-                blocks.append(ResnetBlock(cin, widths[i], c.style, dtype, rngs=rngs))
+                blocks.append(_block(c, cin, widths[i], dtype, rngs))
                 cin = widths[i]
                 if res in c.attn_resolutions:
                     attn.append(AttnBlock(cin, dtype, rngs=rngs))
@@ -313,13 +328,14 @@ class VQGANDecoder(nnx.Module):
         at its kernel)."""
         return self.conv_out
 
-    def features(self, z: jax.Array) -> jax.Array:
-        """Codes (B, r, r, code_dim) -> the last layer's input (B, R, R, ch * ch_mult[0])."""
+    def features(self, z: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Codes (B, r, r, code_dim) -> the last layer's input (B, R, R, ch * ch_mult[0]);
+        ``rngs``: the train step's dropout stream (None: no dropout)."""
         h = z if self.post_quant_conv is None else self.post_quant_conv(z)
-        h = self.mid(self.conv_in(h))
+        h = self.mid(self.conv_in(h), rngs)
         for level in reversed(self.up):
-            h = level(h)
+            h = level(h, rngs)
         return h if self.norm_out is None else jax.nn.silu(self.norm_out(h))
 
-    def __call__(self, z: jax.Array) -> jax.Array:
-        return self.conv_out(self.features(z))
+    def __call__(self, z: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        return self.conv_out(self.features(z, rngs=rngs))

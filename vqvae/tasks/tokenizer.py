@@ -18,7 +18,7 @@ from vqvae import adversarial
 from vqvae.data import local_examples
 from vqvae.logs import psnr
 from vqvae.lpips import LPIPS, load_weights
-from vqvae.model import VQVAEConfig, to_model_range, to_uint8
+from vqvae.model import VQVAEConfig, dropout_rngs, to_model_range, to_uint8
 from vqvae.quantizers import health, level_counts, level_means
 from vqvae.tasks.base import Task, apply_update, make_optimizer
 
@@ -120,8 +120,9 @@ class TokenizerTask(Task):
 
             def gen_loss(params):
                 model = nnx.merge(graphdef, params, state["rest"], copy=True)
-                q = model.quantizer(model.encode(x), train=True)
-                h = model.decoder.features(q.quantized)  # the last layer's input
+                drop = dropout_rngs(self.config.seed, state["step"])  # where the nets have it
+                q = model.quantizer(model.encode(x, rngs=drop), train=True)
+                h = model.features(q.quantized, rngs=drop)  # the last layer's input
                 last = model.decoder.last_layer
                 recon = last(h).astype(jnp.float32)
                 rec = rec_loss(recon)
