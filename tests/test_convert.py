@@ -189,6 +189,7 @@ def tokenizers(imported):
     return out
 
 
+@pytest.mark.slow  # three workdirs written and loaded: a minute on a 2-core CPU
 @pytest.mark.parametrize("family", FAMILIES)
 def test_imported_workdir_tokenizes_like_the_original(family, tokenizers):
     import hashlib
@@ -222,6 +223,35 @@ def _equal(a: dict, b: dict) -> bool:
     return set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("family", ["taming", "llamagen"])
+def test_export_and_round_trips_in_memory(family, presets, tmp_path):
+    """The same exports from a model in memory (no workdir): model.safetensors loads back
+    bit for bit, NumPy alone looks codes up as the model does, and the original's layout
+    holds the original's tensors bit for bit and imports back bit for bit."""
+    from safetensors.numpy import load_file
+
+    from vqvae.convert.export import export_safetensors, load_export, original_state_dict
+
+    model, config, _ = import_tensors(family, weights(family), presets[family])
+    export_safetensors(None, tmp_path, loaded=(model, {"model": config.to_dict()}))
+    again, info = load_export(tmp_path)
+    assert _equal(model_params(again), model_params(model))
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    codes = tensors["quantizer.codebook"]
+    if info["quantizer"]["normalize"]:
+        codes = codes / np.linalg.norm(codes, axis=1, keepdims=True)
+    ids = reference(family)["ids"]
+    want = np.asarray(model.quantizer.lookup(jnp.asarray(ids)))
+    np.testing.assert_allclose(codes[ids], want, rtol=1e-6, atol=1e-7)
+    sd = original_state_dict(model, config, family)
+    orig = {k: v for k, v in weights(family).items()
+            if not k.startswith(("loss.", "quantize.codebook_used"))}  # fmt: skip
+    assert _equal(sd, orig)
+    back, _, _ = import_tensors(family, sd, presets[family])
+    assert _equal(model_params(back), model_params(model))
+
+
+@pytest.mark.slow  # workdirs written and loaded, a second tokenizer compiled
 @pytest.mark.parametrize("family", ["taming", "llamagen"])
 def test_export_and_round_trips(family, imported, tokenizers, tmp_path, presets):
     """One export command writes model.safetensors + config.json and the original's layout.

@@ -65,6 +65,11 @@ def import_tensors(
     name, config = resolve_config(preset or _default_preset(family, tensors))
     if config.net != "vqgan":
         raise ConvertError(f"preset {name} is not a VQGAN-family model (net {config.net!r})")
+    if config.quantizer.kind != "vq" or config.quantizer.learning != "gradient":
+        raise ConvertError(
+            f"preset {name} needs a vq quantizer with a gradient-learned codebook (the "
+            "released codebooks are parameters)"
+        )
     if family == "maskgit":
         config = maskgit.prepare(config)
     shapes = abstract_params(config)

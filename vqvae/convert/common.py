@@ -2,6 +2,7 @@
 against a model's parameters with one-line errors, and writing a normal workdir."""
 
 import dataclasses
+import functools
 import hashlib
 import pickle
 import zipfile
@@ -231,13 +232,21 @@ def model_params(model: VQVAE) -> dict[Path_, np.ndarray]:
     }
 
 
+@functools.lru_cache(maxsize=4)
+def _skeleton(config: VQVAEConfig):
+    """(graphdef, abstract parameters, concrete non-parameter state) of ``config``'s model:
+    traced once per config (building a model is slow; only the few non-parameter arrays,
+    codebook statistics and keys, are made, in one program)."""
+    abstract = nnx.eval_shape(lambda: config.build(nnx.Rngs(0)))
+    graphdef, params, _ = nnx.split(abstract, nnx.Param, ...)
+    rest = jax.jit(lambda: nnx.split(config.build(nnx.Rngs(0)), nnx.Param, ...)[2])()
+    return graphdef, params, rest
+
+
 def abstract_params(config: VQVAEConfig) -> dict[Path_, tuple]:
     """Every parameter's path and shape, without building the arrays."""
-    abstract = nnx.eval_shape(lambda: config.build(nnx.Rngs(0)))
-    return {
-        tuple(p): tuple(v.get_value().shape)
-        for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
-    }
+    _, params, _ = _skeleton(config)
+    return {tuple(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(params)}
 
 
 def match(
@@ -269,15 +278,13 @@ def match(
 
 
 def build_with(config: VQVAEConfig, params: dict[Path_, np.ndarray]) -> VQVAE:
-    """The model of ``config`` holding ``params`` (every parameter given). Built abstractly:
-    only the few non-parameter arrays (codebook statistics, keys) are made, in one program,
-    rather than every random initialiser run op by op."""
-    abstract = nnx.eval_shape(lambda: config.build(nnx.Rngs(0)))
-    graphdef, state, _ = nnx.split(abstract, nnx.Param, ...)
-    rest = jax.jit(lambda: nnx.split(config.build(nnx.Rngs(0)), nnx.Param, ...)[2])()
-    for path, var in nnx.to_flat_state(state):
-        var.set_value(jnp.asarray(params[tuple(path)], jnp.float32))
-    return nnx.merge(graphdef, state, rest)
+    """The model of ``config`` holding ``params`` (every parameter given)."""
+    graphdef, abstract, rest = _skeleton(config)
+    flat = [
+        (p, v.replace(jnp.asarray(params[tuple(p)], jnp.float32)))
+        for p, v in nnx.to_flat_state(abstract)
+    ]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
 
 def write_workdir(workdir: str | Path, model: VQVAE, config: VQVAEConfig, source: dict) -> Path:

@@ -63,7 +63,8 @@ def export_safetensors(
             "codebook_dim": int(codes.shape[1]) if codes is not None else None,
             "normalize": bool(getattr(q, "normalize", False)),
         },
-        "source": meta.get("source") or {"workdir": str(Path(workdir).resolve())},
+        "source": meta.get("source")
+        or ({"workdir": str(Path(workdir).resolve())} if workdir else None),  # fmt: skip
         "step": meta.get("step"),
     }
     if full:
