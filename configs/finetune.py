@@ -20,9 +20,7 @@ from vqvae.model import PRESETS
 
 def get_config():
     c = base(PRESETS["taming-f16-16384"])  # replaced by init_from's model
-    c.init_from = ""  # a workdir, export folder or weight file (required)
-    c.init_preset = ""  # a weight file's preset ("": the family's default)
-    c.freeze = ""  # "encoder_codebook": decoder-only fine-tuning
+    # c.init_from (required), c.init_preset, c.freeze: configs/common.py
     c.data.source = "sample_photos"  # set to folder:/path/to/images
     c.steps = 10_000
     c.batch_size = 16
