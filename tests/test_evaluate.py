@@ -50,13 +50,13 @@ def test_evaluate_a_trained_checkpoint_writes_the_whole_record(
 ):
     out = tmp_path / "results.json"
     inception, _, lpips = weights
-    args = ["--workdir", str(trained10), "--num", "12", "--batch-size", "6", "--quiet"]
+    args = ["--workdir", str(trained10), "--num", "6", "--batch-size", "6", "--quiet"]
     args += ["--inception", str(inception), "--lpips", str(lpips), "--fid-size", str(SIZE)]
-    args += ["--frechet", "gram"]  # exact for 12 images, and seconds faster than a 2048-d root
+    args += ["--frechet", "gram"]  # exact for 6 images, and seconds faster than a 2048-d root
     ev.main([*args, "--out", str(out)])
     r = json.loads(out.read_text())
     assert r["mode"] == "checkpoint" and r["checkpoint"] == str(Path(trained10).resolve())
-    assert r["step"] == 10 and r["source"] == "sample_photos" and r["images"] == 12
+    assert r["step"] == 10 and r["source"] == "sample_photos" and r["images"] == 6
     assert r["protocol"]["name"] == f"pytorch-fid[frechet=gram,size={SIZE}]"
     assert r["protocol"]["resize"] == "torch" and r["protocol"]["round_uint8"] is True
     m = r["metrics"]
@@ -77,21 +77,28 @@ def test_evaluate_a_trained_checkpoint_writes_the_whole_record(
 
     tok = Tokenizer.load(trained10)
     source = make_source({"source": "sample_photos"}, image_size=16, train=False)
-    x = next(local_examples(source, 12))["image"]
+    examples = local_examples(source, 6)
+    x = next(examples)["image"]
+    examples.close()
     acc = ReconstructionMetrics()
     acc.update(x, tok.reconstruct(x))
     assert m["psnr"] == pytest.approx(acc.result()["psnr"], rel=1e-12)
     assert m["ssim"] == pytest.approx(acc.result()["ssim"], rel=1e-12)
 
-    # the command itself; without weights files PSNR, SSIM and usage still run, and the
-    # record says why not FID
+
+@pytest.mark.slow
+def test_the_command_runs_as_a_module(trained10, tmp_path):
+    """python -m vqvae.evaluate itself, without weights files: PSNR, SSIM and usage still
+    run, and the record says why not FID and LPIPS (pairs mode checks the same in-process)."""
+    out = tmp_path / "results.json"
     cmd = [sys.executable, "-m", "vqvae.evaluate", "--workdir", str(trained10), "--num", "4"]
     done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "skipped: no --inception weights file given" in done.stdout
     r = json.loads(out.read_text())
-    assert r["metrics"]["rfid"] is None and r["metrics"]["lpips"] is None
+    assert r["images"] == 4 and r["metrics"]["rfid"] is None and r["metrics"]["lpips"] is None
     assert "--inception" in r["skipped"]["rfid"] and r["metrics"]["psnr"] > 0
+    assert r["metrics"]["codebook"]["used"] > 0
 
 
 def _write_pngs(folder: Path, images: np.ndarray) -> None:
@@ -100,7 +107,7 @@ def _write_pngs(folder: Path, images: np.ndarray) -> None:
         Image.fromarray(im).save(folder / f"{k:03d}.png")
 
 
-def test_pairs_scores_two_folders_of_pngs(parity, weights, tmp_path):
+def test_pairs_scores_two_folders_of_pngs(parity, weights, tmp_path, capsys):
     a, b = parity["images_a"][:8], parity["images_b"][:8]
     _write_pngs(tmp_path / "a", a)
     _write_pngs(tmp_path / "b", b)
@@ -115,18 +122,74 @@ def test_pairs_scores_two_folders_of_pngs(parity, weights, tmp_path):
     ref = parity["lpips_alex"][:8].mean()
     assert r["metrics"]["lpips"] == pytest.approx(float(ref), rel=1e-5)
     assert "codebook" not in r["metrics"]
+    # without an Inception file PSNR, SSIM and LPIPS still run; the record and table say why
+    assert r["metrics"]["rfid"] is None and "--inception" in r["skipped"]["rfid"]
+    assert "skipped: no --inception weights file given" in capsys.readouterr().out
 
     (tmp_path / "b" / "000.png").rename(tmp_path / "b" / "x.png")
     with pytest.raises(SystemExit, match="the folders hold different files"):
         ev.main(args)
 
 
+def test_reference_stats_are_what_the_record_scores_against(parity, weights, tmp_path, monkeypatch):
+    """--reference-stats (pytorch-fid's mu/sigma .npz): the originals' features are not
+    computed, the Fréchet distance is between the file's Gaussian and the reconstructions',
+    and the record names the file. (The distance itself is tested in test_metrics.py; a spy
+    stands in for the 2048-d matrix root, 20-60 s here.)"""
+    from vqvae.metrics import fid as fid_module
+    from vqvae.metrics.fid import FeatureExtractor
+    from vqvae.metrics.stats import FeatureStats, Gaussian, write_stats
+
+    a, b = parity["images_a"][:8], parity["images_b"][:8]
+    _write_pngs(tmp_path / "a", a)
+    _write_pngs(tmp_path / "b", b)
+    rng = np.random.default_rng(0)
+    ref = Gaussian(rng.normal(size=2048), np.diag(rng.uniform(0.5, 2.0, 2048)))
+    stats = write_stats(tmp_path / "ref.npz", ref)
+    seen = []
+
+    def spy(mu1, sigma1, mu2, sigma2, method):
+        seen.append((mu1, sigma1, mu2, sigma2, method))
+        return float(np.sum((mu1 - mu2) ** 2))
+
+    monkeypatch.setattr(fid_module, "frechet_distance", spy)
+    out = tmp_path / "r.json"
+    args = ["--pairs", str(tmp_path / "a"), str(tmp_path / "b"), "--quiet", "--out", str(out)]
+    args += ["--inception", str(weights[0]), "--fid-size", str(SIZE), "--frechet", "eigh"]
+    ev.main([*args, "--reference-stats", str(stats)])
+    r = json.loads(out.read_text())
+    ((mu1, sigma1, mu2, sigma2, method),) = seen
+    np.testing.assert_array_equal(mu1, ref.mu)
+    np.testing.assert_array_equal(sigma1, ref.sigma)
+    extractor = FeatureExtractor.from_file(weights[0], protocol("pytorch-fid", size=SIZE))
+    fake = FeatureStats(2048)
+    fake.update(extractor(b))
+    np.testing.assert_allclose(mu2, fake.gaussian().mu, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(sigma2, fake.gaussian().sigma, rtol=1e-5, atol=1e-9)
+    assert method == "eigh" and r["metrics"]["rfid"] == float(np.sum((ref.mu - mu2) ** 2))
+    assert r["weights"]["reference_stats"] == str(stats.resolve())
+
+    # files of the wrong shapes, and the gram root (it needs both feature sets): one line
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(2048), sigma=np.eye(16))
+    np.savez(tmp_path / "d64.npz", mu=np.zeros(64), sigma=np.eye(64))  # not pool features
+    # (read before the weights: these runs need no --inception)
+    pairs = ["--pairs", str(tmp_path / "a"), str(tmp_path / "b"), "--quiet"]
+    for extra, what in (
+        (["--reference-stats", str(tmp_path / "bad.npz")], r"bad\.npz.*are not \(D,\) and"),
+        (["--reference-stats", str(tmp_path / "d64.npz")], r"d64\.npz holds 64-d .* 2048-d"),
+        (["--reference-stats", str(stats), "--frechet", "gram"], "gram' needs both"),
+    ):
+        with pytest.raises(SystemExit, match="--reference-stats: .*" + what) as e:
+            ev.main([*pairs, *extra])
+        assert "\n" not in str(e.value)
+
+
 def test_protocol_rounding_and_resize_each_change_fid_and_nothing_else(parity, weights):
     """The same originals and float reconstructions under three protocols."""
-    a = parity["images_a"][:16]
+    a = parity["images_a"][:8]
     rng = np.random.default_rng(0)
     recon = np.clip(a + rng.normal(0, 6, a.shape), 0, 255).astype(np.float32)
-    tokens = rng.integers(0, 8, (16, 4, 4))
+    tokens = rng.integers(0, 8, (8, 4, 4))
 
     def run(**overrides):
         usage = ev.CodeUsage(8, 1)

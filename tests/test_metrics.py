@@ -407,10 +407,12 @@ def test_lpips_equals_the_lpips_package_for_both_backbones(net):
     else:
         model, name = perceptual.AlexLPIPS(perceptual.convert_alex(backbone, lin)), "alex"
     metric = perceptual.LPIPSMetric(model, name)
-    d = metric.distances(p["images_a"], p["images_b"])
-    ref = p[f"lpips_{net}"].astype(np.float64)
+    n = 4 if net == "vgg" else len(p["images_a"])  # VGG16: ~0.5 s an image here
+    a, b = p["images_a"][:n], p["images_b"][:n]
+    d = metric.distances(a, b)
+    ref = p[f"lpips_{net}"][:n].astype(np.float64)
     assert np.max(np.abs(d - ref) / np.abs(ref)) < 1e-5
-    metric.update(p["images_a"], p["images_b"])
+    metric.update(a, b)
     assert metric.result() == {"lpips": pytest.approx(ref.mean(), rel=1e-5), "lpips_backbone": name}
 
 

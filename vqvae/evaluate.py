@@ -29,6 +29,7 @@ from PIL import Image
 
 from vqvae.metrics.accumulator import ReconstructionMetrics
 from vqvae.metrics.fid import PROTOCOLS, FeatureExtractor, FIDMetric, protocol, sha256
+from vqvae.metrics.inception import FEATURE_DIM
 
 
 class EvaluateError(ValueError):
@@ -186,18 +187,26 @@ def evaluate(
     from vqvae.metrics.stats import read_stats
 
     skipped = {}
-    fid = None
+    fid = reference = None
+    try:  # read first: a bad file fails before any weights load (pytorch-fid's files and
+        # ADM reference batches both hold the pool mu, sigma)
+        reference = read_stats(reference_stats) if reference_stats else None
+        if reference is not None and reference.mu.shape != (FEATURE_DIM,):
+            raise ValueError(
+                f"{reference_stats} holds {reference.mu.shape[0]}-d statistics; the FID "
+                f"Inception's pool features are {FEATURE_DIM}-d"
+            )
+        if reference is not None and proto.frechet == "gram":
+            raise ValueError("frechet 'gram' needs both feature sets, not a reference stats file")
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise EvaluateError(f"--reference-stats: {e}") from None
     extractor, why = _weights_or_reason(
         inception, "rfid", lambda p: FeatureExtractor.from_file(p, proto)
     )
     if extractor is None:
         skipped["rfid"] = why
     else:
-        try:  # pytorch-fid's files and ADM reference batches both hold the pool mu, sigma
-            reference = read_stats(reference_stats) if reference_stats else None
-            fid = FIDMetric(extractor, reference)
-        except (FileNotFoundError, KeyError, ValueError) as e:
-            raise EvaluateError(f"--reference-stats: {e}") from None
+        fid = FIDMetric(extractor, reference)
     lp, why = _weights_or_reason(lpips, "lpips", perceptual.load)
     lpm = None
     if lp is None:
