@@ -248,6 +248,7 @@ def test_dropout_follows_taming_between_the_second_swish_and_conv2():
     np.testing.assert_allclose(block(x), block.nin_shortcut(x) + block.conv2(h), rtol=1e-5)
 
 
+@pytest.mark.slow  # four short runs through the loop
 def test_a_vqgan_tokenizer_with_dropout_trains_and_resumes_exactly(tmp_path):
     from vqvae.trainer import Trainer
 
