@@ -25,6 +25,11 @@ def config(**overrides):
     c = tiny.get_config()
     c.tensorboard = False
     c.data.workers = 0  # worker processes only where a test asks for them
+    return override(c, **overrides)
+
+
+def override(c, **overrides):
+    """Set dotted keys ("gan.start_step") of a config; returns it."""
     for k, v in overrides.items():
         node = c
         *parents, leaf = k.split(".")

@@ -15,6 +15,8 @@ from vqvae.convert.__main__ import main
 from vqvae.convert.common import flatten, model_params, read_tensors
 from vqvae.model import PRESETS, to_model_range
 
+from .conftest import override, photos
+
 DATA = Path(__file__).parent / "data" / "convert"
 FAMILIES = ("taming", "llamagen", "maskgit")
 TOL = 1e-4  # relative, float32
@@ -295,28 +297,19 @@ def test_flatten_joins_nested_names():
     assert flatten({"a": {"b": 1, "c": {"d": 2}}}, "/") == {"a/b": 1, "a/c/d": 2}
 
 
-CIFAR = Path("/work/shared/data/cifar10/train")
-
-
 def _finetune_config(init_from, **overrides):
     from configs import finetune
 
     c = finetune.get_config()
     c.init_from = str(init_from)
-    c.data.source = f"folder:{CIFAR}" if CIFAR.is_dir() else "sample_photos"
+    c.data.source = "sample_photos"
     c.data.workers = 0
     c.tensorboard = False
     c.batch_size = 8
     c.eval_every, c.eval_batches, c.eval_batch_size = 0, 1, 8
     c.log_every = 1
     c.gan.channels, c.gan.start_step = 8, 2  # the fresh discriminator joins at step 2
-    for k, v in overrides.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return override(c, **overrides)
 
 
 @pytest.mark.slow  # a minute and a half on a 2-core CPU, most of it compiling
@@ -351,27 +344,27 @@ def test_finetune_with_frozen_encoder_and_codebook(imported, tokenizers, tmp_pat
     assert train["step"].reshape(-1).tolist() == [3]
 
 
-@pytest.mark.slow  # a few minutes on a 2-core CPU
-@pytest.mark.skipif(not CIFAR.is_dir(), reason="needs the CIFAR-10 folder")
-def test_finetune_an_imported_model_on_cifar10(imported, tokenizers, tmp_path):
-    """A few hundred steps from an imported (random-weight) taming model on CIFAR-10, its
-    fresh discriminator joining half-way: the reconstructions of CIFAR images improve."""
-    from PIL import Image
+STEPS = 60
 
+
+@pytest.mark.slow  # about a minute on a 2-core CPU
+def test_finetune_an_imported_model_on_photos(imported, tokenizers, tmp_path):
+    """60 steps from an imported (random-weight) taming model on the sample photos, its
+    fresh discriminator joining half-way: the reconstructions of held-out photos improve
+    (by a fifth in 60 steps; the package's tests read no data from outside the repo)."""
     from vqvae.tokenizer import Tokenizer
     from vqvae.trainer import Trainer
 
-    c = _finetune_config(imported["taming"], steps=300, checkpoint_every=300)
-    c.optim.lr, c.gan.start_step, c.log_every = 1e-3, 150, 50
+    c = _finetune_config(imported["taming"], steps=STEPS, checkpoint_every=STEPS)
+    c.optim.lr, c.gan.start_step, c.log_every = 1e-3, STEPS // 2, 10
     Trainer(c, tmp_path / "ft").train()
-    files = sorted(CIFAR.glob("*/*.jpg"))[::997][:32]
-    x = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    x = photos(32, size=tokenizers["taming"][0].image_size)
 
     def mse(tok):
         return float(np.mean((tok.reconstruct(x).astype(np.float32) - x) ** 2))
 
     tuned = Tokenizer.load(tmp_path / "ft")
     before, after = mse(tokenizers["taming"][0]), mse(tuned)
-    assert after < 0.5 * before, (before, after)
+    assert after < 0.85 * before, (before, after)  # measured: 10,416 -> 8,407 (uint8 units)
     lines = (tmp_path / "ft" / "metrics.jsonl").read_text()
     assert '"disc_loss"' in lines
