@@ -58,7 +58,7 @@ def base(model: VQVAEConfig | dict, task: str = "tokenizer") -> ml_collections.C
 def tokenizer_section(c: ml_collections.ConfigDict) -> None:
     """The keys only a tokenizer reads: its losses, the discriminator, k-means start."""
     c.kmeans_init = False  # start the codebook from k-means on the first batch's encodings
-    # fine-tuning (vqvae/convert/finetune.py, configs/finetune.py): start from a workdir, an
+    # fine-tuning (vqvae/finetune.py, configs/finetune.py): start from a workdir, an
     # export folder or a released weight file (its model config replaces model)
     c.init_from = ""
     c.init_preset = ""  # a weight file's preset ("": the family's default)

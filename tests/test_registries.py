@@ -179,6 +179,25 @@ def test_the_import_graph_has_no_circles():
 
     circles = [c for m in sorted(graph) if (c := cycle_from(m))]
     assert not circles, circles[0]
+    # and no arrow points up: the math, the nets and the data below the run (checkpoints,
+    # tasks, trainer), the run below the tools that read its checkpoints
+    low = ("errors", "signals", "ste", "quantizers", "nets", "model", "sources", "data",
+           "tfds_stream", "sharding", "adversarial", "lpips", "metrics", "flops")  # fmt: skip
+    run = ("checkpoint", "tasks", "trainer", "runtime")
+    tools = ("tokenizer", "export", "evaluate", "convert", "report")
+
+    def within(m, group):
+        return any(m == f"vqvae.{g}" or m.startswith(f"vqvae.{g}.") for g in group)
+
+    up = [
+        (m, o)
+        for m, outs in graph.items()
+        for o in outs
+        if (within(m, low) and within(o, run + tools))
+        or (within(m, ("checkpoint",)) and within(o, ("model", "prior", "maskgit", "tasks")))
+        or (within(m, run) and within(o, tools[1:]))
+    ]
+    assert not up, sorted(up)
 
 
 def test_a_bug_keeps_its_traceback_and_a_bad_setting_is_one_line(tmp_path, monkeypatch, capsys):

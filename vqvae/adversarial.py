@@ -63,27 +63,27 @@ class PatchDiscriminator(nnx.Module):
         return self.last(h).astype(jnp.float32)
 
 
-def discriminator_loss(real: jax.Array, fake: jax.Array, kind: str) -> jax.Array:
+def discriminator_loss(real: jax.Array, fake: jax.Array, loss: str) -> jax.Array:
     """The discriminator's loss on logits of real and reconstructed images.
 
     hinge: (mean relu(1 - real) + mean relu(1 + fake)) / 2; non-saturating:
     (mean softplus(-real) + mean softplus(fake)) / 2, the cross-entropy of sigmoid(logit).
     """
-    if kind == "hinge":
+    if loss == "hinge":
         return 0.5 * (jnp.mean(jax.nn.relu(1.0 - real)) + jnp.mean(jax.nn.relu(1.0 + fake)))
-    if kind == "non_saturating":
+    if loss == "non_saturating":
         return 0.5 * (jnp.mean(jax.nn.softplus(-real)) + jnp.mean(jax.nn.softplus(fake)))
-    raise ValueError(f"adversarial loss must be one of {LOSSES}, got {kind!r}")
+    raise ValueError(f"adversarial loss must be one of {LOSSES}, got {loss!r}")
 
 
-def generator_loss(fake: jax.Array, kind: str) -> jax.Array:
+def generator_loss(fake: jax.Array, loss: str) -> jax.Array:
     """The generator's adversarial loss on the logits of its reconstructions: hinge uses
     -mean(fake) (taming's); non-saturating mean softplus(-fake), i.e. -log sigmoid(fake)."""
-    if kind == "hinge":
+    if loss == "hinge":
         return -jnp.mean(fake)
-    if kind == "non_saturating":
+    if loss == "non_saturating":
         return jnp.mean(jax.nn.softplus(-fake))
-    raise ValueError(f"adversarial loss must be one of {LOSSES}, got {kind!r}")
+    raise ValueError(f"adversarial loss must be one of {LOSSES}, got {loss!r}")
 
 
 def adaptive_weight(
@@ -129,13 +129,13 @@ def lecam_penalty(real: jax.Array, fake: jax.Array, ema_real, ema_fake) -> jax.A
 
 
 def discriminator_objective(
-    real: jax.Array, fake: jax.Array, ema: jax.Array, decay, kind: str, lecam_weight: float
+    real: jax.Array, fake: jax.Array, ema: jax.Array, decay, loss_type: str, lecam_weight: float
 ) -> tuple[jax.Array, jax.Array]:
     """The discriminator's loss on its logits, with LeCam's penalty where weighted: ->
     (loss, the moving averages updated with this batch, which the penalty uses)."""
     means = jax.lax.stop_gradient(jnp.stack([jnp.mean(real), jnp.mean(fake)]))
     ema = lecam_update(ema, means, decay)
-    loss = discriminator_loss(real, fake, kind)
+    loss = discriminator_loss(real, fake, loss_type)
     if lecam_weight > 0:
         loss = loss + lecam_weight * lecam_penalty(real, fake, ema[0], ema[1])
     return loss, ema

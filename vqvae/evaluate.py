@@ -158,10 +158,10 @@ def checkpoint_batches(tok, model, source, batch: int, num: int | None):
 
 
 # --- the run -------------------------------------------------------------------------------
-def _weights_or_reason(path, kind: str, load):
+def _weights_or_reason(path, metric: str, load):
     """(loaded object, None) or (None, why the metric is skipped)."""
     if not path:
-        flag = "--inception" if kind == "rfid" else "--lpips"
+        flag = "--inception" if metric == "rfid" else "--lpips"
         return None, f"no {flag} weights file given"
     try:
         return load(path), None

@@ -304,6 +304,13 @@ class ArraySource:
         return f"array {index}"
 
 
+def token_manifest(spec: str) -> dict | None:
+    """The manifest of the token export a ``data.source`` names (``tokens:PATH``), or None
+    for a source of images."""
+    prefix, _, path = spec.partition(":")
+    return read_token_manifest(path) if SOURCES.get(prefix) is _tokens else None
+
+
 def read_token_manifest(root: str | Path) -> dict:
     """The manifest.json of a token export (vocabulary, grid, codebook checksum, shards)."""
     manifest = Path(root).expanduser() / "manifest.json"

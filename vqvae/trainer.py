@@ -106,7 +106,7 @@ class Trainer:
         self.config = config
         self.workdir = Path(workdir).expanduser()
         self.stop = stop or StopRequest()
-        from vqvae.convert.finetune import prepare  # config.init_from: the source's model
+        from vqvae.finetune import prepare  # config.init_from: the source's model
 
         self.init_source = prepare(config)
         self.task = task or make_task(config, arrays)

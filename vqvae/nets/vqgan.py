@@ -176,11 +176,11 @@ class Downsample(nnx.Module):
     """Halve the resolution: a 3x3 stride-2 conv after zero padding (asymmetric: bottom and
     right by one, taming's; symmetric: one on every side), or 2x2 average pooling."""
 
-    def __init__(self, channels: int, kind: str, dtype, *, rngs: nnx.Rngs):
-        self.kind = kind
-        pad = ((0, 1), (0, 1)) if kind == "asymmetric" else ((1, 1), (1, 1))
+    def __init__(self, channels: int, mode: str, dtype, *, rngs: nnx.Rngs):
+        self.mode = mode
+        pad = ((0, 1), (0, 1)) if mode == "asymmetric" else ((1, 1), (1, 1))
         self.conv = (
-            None if kind == "avgpool" else _conv(channels, channels, 3, dtype, rngs, stride=2,
+            None if mode == "avgpool" else _conv(channels, channels, 3, dtype, rngs, stride=2,
                                                  padding=pad)
         )  # fmt: skip
 

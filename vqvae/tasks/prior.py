@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from vqvae.prior import PriorConfig, drop_labels, prior_loss
-from vqvae.sources import DataError, make_source, read_token_manifest
+from vqvae.sources import DataError, make_source, token_manifest
 from vqvae.tasks.base import Task, make_train_step
 from vqvae.tokenizer import Tokenizer
 
@@ -29,14 +29,13 @@ class PriorTask(Task):
 
     def make_model_config(self) -> PriorConfig:
         self.tokenizer = tok = Tokenizer.load(self.config.tokenizer)
-        kind, _, path = self.config.data.source.partition(":")
-        if kind == "tokens":  # the manifest alone: the shards are loaded once, for training
-            manifest = read_token_manifest(path)
-            if manifest["codebook"]["sha256"] != tok.codebook_sha256():
-                raise DataError(
-                    f"{self.config.data.source} was exported with another tokenizer than "
-                    f"{self.config.tokenizer} (codebook checksums differ)"
-                )
+        # a token export's manifest alone (None for images): its shards load once, to train
+        manifest = token_manifest(self.config.data.source)
+        if manifest is not None and manifest["codebook"]["sha256"] != tok.codebook_sha256():
+            raise DataError(
+                f"{self.config.data.source} was exported with another tokenizer than "
+                f"{self.config.tokenizer} (codebook checksums differ)"
+            )
         return PriorConfig(
             vocab_size=tok.vocab_size,
             grid=tok.grid_shape(),

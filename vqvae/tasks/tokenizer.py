@@ -38,8 +38,8 @@ class TokenizerTask(Task):
             self.disc_tx = make_optimizer(gan.optim, config.steps)
             self.disc_graphdef = nnx.graphdef(nnx.eval_shape(lambda: self.discriminator(0)))
         self.lpips = self._perceptual()
-        if config.get("freeze", ""):  # decoder-only fine-tuning (vqvae.convert.finetune)
-            from vqvae.convert.finetune import freeze_optimizer
+        if config.get("freeze", ""):  # decoder-only fine-tuning (vqvae.finetune)
+            from vqvae.finetune import freeze_optimizer
 
             self.tx = freeze_optimizer(self.tx, config.freeze, self.model_config)
         pixel = config.loss.get("pixel", "mse")
@@ -294,9 +294,9 @@ class TokenizerTask(Task):
         return meta
 
 
-def pixel_loss(recon: jax.Array, x: jax.Array, kind: str, variance=1.0) -> jax.Array:
+def pixel_loss(recon: jax.Array, x: jax.Array, pixel: str, variance=1.0) -> jax.Array:
     """The pixel term: MSE over the data's variance (the VQ-VAE paper's), or L1 (taming's)."""
-    if kind == "l1":
+    if pixel == "l1":
         return jnp.mean(jnp.abs(recon - x))
     return jnp.mean(jnp.square(recon - x)) / variance
 
