@@ -205,10 +205,11 @@ def main(argv=None) -> None:
                 f"--{k}={v}" for k in ("workdir", "preset", "config") if (v := getattr(args, k))
             ]
             hw = hardware_figures(model, config, args.batch, source_argv=source)
+    width = max(map(len, [*rows, *hw]))
     for k, v in rows.items():
-        print(f"{k:28s} {_fmt(v)}")
+        print(f"{k:{width}s} {_fmt(v)}")
     for k, v in hw.items():
-        print(f"{k:28s} {_fmt(v)}   [hw]")
+        print(f"{k:{width}s} {_fmt(v)}   [hw]")
 
 
 def _fmt(v) -> str:
