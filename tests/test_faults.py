@@ -249,9 +249,10 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_error(tmp_path, monkeypatc
     orbax's tracebacks, and checkpoint 2 intact."""
     from etils import epath
 
-    from vqvae.checkpoint import CheckpointError, load_model
+    from vqvae.checkpoint import CheckpointError, load_model, quiet_background_errors
     from vqvae.trainer import Trainer
 
+    quiet_background_errors()  # what train.py's set-up installs (importing installs nothing)
     write_text = epath.abstract_path.Path.write_text
 
     def full_from_4(self, *args, **kwargs):
