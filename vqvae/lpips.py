@@ -125,7 +125,15 @@ def convert(vgg: dict[str, np.ndarray], lin: dict[str, np.ndarray]) -> dict[str,
         if w is None:
             raise KeyError(f"the LPIPS linear weights have no lin{t}.model.1.weight")
         out[f"lin{t}"] = np.asarray(w).reshape(-1)
-    return {k: _float32(v) for k, v in out.items()}
+    return float32_weights(out)
+
+
+def float32_weights(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Converted weights with every floating-point array in float32 (others unchanged)."""
+    return {
+        k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v
+        for k, v in weights.items()
+    }
 
 
 def main(argv=None) -> None:
@@ -154,7 +162,3 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def _float32(v: np.ndarray) -> np.ndarray:
-    return v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v

@@ -110,7 +110,7 @@ def convert_alex(alex: dict[str, np.ndarray], lin: dict[str, np.ndarray]) -> dic
         if w is None:
             raise KeyError(f"the LPIPS linear weights have no lin{k}.model.1.weight")
         out[f"lin{k}"] = np.asarray(w).reshape(-1)
-    out = {k: _float32(v) for k, v in out.items()}
+    out = vgg_lpips.float32_weights(out)
     check_alex(out, "the converted state dicts")
     return out
 
@@ -189,7 +189,3 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def _float32(v: np.ndarray) -> np.ndarray:
-    return v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v
