@@ -75,7 +75,8 @@ def tokenizer_section(c: ml_collections.ConfigDict) -> None:
     c.gan.weight = 0.0  # the adversarial term's weight, on top of the adaptive weight
     c.gan.start_step = 0  # discriminator and adversarial term off before this step
     c.gan.loss = "hinge"  # or "non_saturating"
-    c.gan.norm = "spectral"  # "group" or "none"
+    c.gan.norm = "spectral"  # "group", "batch" or "none"
+    c.gan.padding = "same"  # or "one": taming's (with norm "batch": its NLayerDiscriminator)
     c.gan.channels = 64  # PatchGAN width and depth
     c.gan.layers = 3
     c.gan.max_adaptive_weight = 1e4

@@ -8,8 +8,9 @@
 
 ``init_from``: a workdir, an export folder or a released weight file (vqvae/convert/
 finetune.py); the model config is the source's (this file's ``model`` is replaced). The
-optimizer starts fresh, and the discriminator too (none of the released files carries one
-this package reads), switched on ``gan.start_step`` steps into the fine-tune; LPIPS is on
+optimizer starts fresh; the discriminator is the source's where it has one (taming's
+released files do: its shape then replaces the ``gan`` shape keys below), else a fresh one,
+switched on ``gan.start_step`` steps into the fine-tune; LPIPS is on
 once ``loss.lpips_weights`` names a weights file (``python -m vqvae.lpips``). The losses are
 taming's (L1 + LPIPS + adaptive-weighted hinge PatchGAN), at a fine-tuning learning rate.
 """
@@ -33,7 +34,7 @@ def get_config():
     c.loss.perceptual_weight = 1.0  # on once loss.lpips_weights is given
     c.loss.lpips_weights = ""
     c.gan.weight = 0.75
-    c.gan.start_step = 2_000  # a fresh discriminator: the generator settles first
+    c.gan.start_step = 2_000  # the generator settles first (a fresh discriminator's warm-up)
     c.gan.loss = "hinge"
     c.gan.norm = "group"
     c.gan.layers = 2

@@ -101,6 +101,57 @@ def test_parity_with_the_original(family, presets):
     assert rel(decoded, o["decoded"]) < TOL
 
 
+def _taming_discriminator():
+    from vqvae.convert import discriminator as disc_io
+
+    cfg, arrays = disc_io.import_tensors(weights("taming"))
+    model = disc_io.build(cfg)
+    disc_io.place(model, arrays)
+    return cfg, arrays, model
+
+
+def test_discriminator_parity_with_taming():
+    """taming's NLayerDiscriminator (BatchNorm, padding 1) imported: the logits of the
+    discriminator step's two calls (real, then reconstructions) and the BatchNorm running
+    averages after them equal the original's in training mode."""
+    from flax import nnx
+
+    cfg, _, model = _taming_discriminator()
+    assert cfg == {"in_channels": 3, "channels": 8, "layers": 2, "norm": "batch",
+                   "padding": "one"}  # fmt: skip
+    o = dict(np.load(DATA / "taming_outputs.npz"))
+
+    @nnx.jit
+    def step(model, real, fake):
+        return model(real, train=True), model(fake, train=True)
+
+    real, fake = step(model, to_model_range(o["images"]), jnp.asarray(o["decoded"] / 2.0))
+    assert real.shape == o["disc_real"].shape  # taming's stride-1 convolutions shrink by 1
+    assert rel(real, o["disc_real"]) < TOL and rel(fake, o["disc_fake"]) < TOL
+    means = np.concatenate([np.asarray(n.mean.get_value()) for n in model.norms])
+    vars_ = np.concatenate([np.asarray(n.var.get_value()) for n in model.norms])
+    assert rel(means, o["disc_means"]) < TOL and rel(vars_, o["disc_vars"]) < TOL
+
+
+def test_discriminator_round_trip_and_refusals():
+    """Back to taming's layout bit for bit; a missing tensor and ActNorm are one line."""
+    from vqvae.convert import discriminator as disc_io
+
+    cfg, arrays, _ = _taming_discriminator()
+    orig = {k: v for k, v in weights("taming").items()
+            if k.startswith(disc_io.PREFIX) and not k.endswith("num_batches_tracked")}  # fmt: skip
+    assert _equal(disc_io.to_state_dict(cfg, arrays), orig)
+    t = weights("taming")
+    del t[disc_io.PREFIX + "6.running_var"]
+    with pytest.raises(ConvertError) as e:
+        disc_io.import_tensors(t)
+    _one_line(e, disc_io.PREFIX + "6.running_var", "missing")
+    t = weights("taming") | {disc_io.PREFIX + "3.loc": np.zeros((1, 16, 1, 1), np.float32)}
+    with pytest.raises(ConvertError) as e:
+        disc_io.import_tensors(t)
+    _one_line(e, "ActNorm")
+
+
 def test_torch_files_read_without_torch():
     """torch.save's zip format: dtypes (bfloat16 too), 0-d, strided and offset tensors, and
     an opaque non-tensor object, read without importing torch."""
@@ -235,10 +286,10 @@ def test_export_and_round_trips_in_memory(family, presets, tmp_path):
     from vqvae.convert.export import export_safetensors, load_export, original_state_dict
 
     model, config, _ = import_tensors(family, weights(family), presets[family])
-    export_safetensors(None, tmp_path, loaded=(model, {"model": config.to_dict()}))
-    again, info = load_export(tmp_path)
+    out = export_safetensors(None, tmp_path / "x", loaded=(model, {"model": config.to_dict()}))
+    again, info = load_export(out)
     assert _equal(model_params(again), model_params(model))
-    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors = load_file(str(out / "model.safetensors"))
     codes = tensors["quantizer.codebook"]
     if info["quantizer"]["normalize"]:
         codes = codes / np.linalg.norm(codes, axis=1, keepdims=True)
@@ -312,18 +363,49 @@ def _finetune_config(init_from, **overrides):
     return override(c, **overrides)
 
 
+def _checkpoint(workdir, step) -> dict:
+    import jax
+    import orbax.checkpoint as ocp
+
+    from vqvae.checkpoint import Checkpoints
+
+    ckpt = Checkpoints(workdir, read_only=True)
+    try:
+        items = ocp.args.Composite(model=ocp.args.StandardRestore(),
+                                   train=ocp.args.StandardRestore())  # fmt: skip
+        out = ckpt.manager.restore(step, args=items)
+    finally:
+        ckpt.close()
+    leaves = jax.tree_util.tree_leaves_with_path({"model": out["model"], "train": out["train"]})
+    return {jax.tree_util.keystr(p): np.asarray(a) for p, a in leaves}
+
+
 @pytest.mark.slow  # a minute and a half on a 2-core CPU, most of it compiling
-def test_finetune_with_frozen_encoder_and_codebook(imported, tokenizers, tmp_path):
+def test_finetune_freeze_full_export_and_exact_resume(imported, tokenizers, tmp_path):
     """init_from an imported workdir: the run takes its model, starts from its weights, and
     with freeze=encoder_codebook keeps the encoder and codebook bit for bit while the
-    decoder moves; the checkpoint names its source; a full export carries the
-    discriminator and both optimizers' states."""
+    decoder moves; the run starts from the file's discriminator (taming's layout); the
+    checkpoint names its source. A full export of step 2 carries the discriminator and
+    both optimizers' states, and unpacked into a new workdir it trains on to step 4 bit
+    for bit as the run did."""
+    import importlib.util
+
+    import ml_collections
+    from flax import nnx
+
+    from vqvae.convert.discriminator import variables
     from vqvae.tokenizer import Tokenizer
     from vqvae.trainer import Trainer
 
-    c = _finetune_config(imported["taming"], steps=3, checkpoint_every=3,
+    c = _finetune_config(imported["taming"], steps=4, checkpoint_every=2,
                          freeze="encoder_codebook")  # fmt: skip
-    Trainer(c, tmp_path / "ft").train()
+    trainer = Trainer(c, tmp_path / "ft")
+    assert (c.gan.channels, c.gan.layers, c.gan.norm, c.gan.padding) == (8, 2, "batch", "one")
+    start, _, _ = trainer.restore_or_init()
+    _, arrays, _ = _taming_discriminator()
+    disc = nnx.merge(trainer.task.disc_graphdef, start["disc"]["params"], start["disc"]["rest"])
+    assert _equal(variables(disc), arrays)
+    trainer.train()
     before, tuned = _params_of(tokenizers["taming"][0]), Tokenizer.load(tmp_path / "ft")
     after = _params_of(tuned)
     frozen = [p for p in before if p[0] in ("encoder", "quantizer")]
@@ -332,8 +414,9 @@ def test_finetune_with_frozen_encoder_and_codebook(imported, tokenizers, tmp_pat
     assert len(moved) > 10
     assert tuned.meta["init_from"]["workdir"] == str(imported["taming"].resolve())
     assert tuned.meta["init_from"]["source"]["family"] == "taming"
+    assert tuned.meta["init_from"]["discriminator"] == "the source's"
     out = tmp_path / "full"
-    assert main(["export", str(tmp_path / "ft"), "--to", str(out), "--full"]) == 0
+    assert main(["export", str(tmp_path / "ft"), "--step", "2", "--to", str(out), "--full"]) == 0
     from safetensors.numpy import load_file
 
     train = load_file(str(out / "train.safetensors"))
@@ -341,7 +424,31 @@ def test_finetune_with_frozen_encoder_and_codebook(imported, tokenizers, tmp_pat
     assert any(k.startswith("disc.opt.") for k in train) and any(
         k.startswith("opt.") for k in train
     )
-    assert train["step"].reshape(-1).tolist() == [3]
+    assert train["step"].reshape(-1).tolist() == [2]
+    assert main(["export", str(tmp_path / "ft"), "--to", str(out)]) == 1  # never overwritten
+    w = tmp_path / "unpacked"
+    assert main(["unpack", str(out), "--workdir", str(w)]) == 0
+    spec = importlib.util.spec_from_file_location("resume_config", w / "config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    again = module.get_config()
+    assert again.init_from == "" and again.freeze == "encoder_codebook"
+    assert again.model == ml_collections.ConfigDict(tuned.meta["model"])
+    Trainer(again, w).train()
+    want, got = _checkpoint(tmp_path / "ft", 4), _checkpoint(w, 4)
+    assert set(want) == set(got) and len(want) > 50
+    assert [k for k in want if not np.array_equal(want[k], got[k])] == []
+
+
+def test_unpack_refuses_an_export_without_training_state(presets, tmp_path, capsys):
+    from vqvae.convert.export import export_safetensors
+
+    model, config, _ = import_tensors("taming", weights("taming"), presets["taming"])
+    export_safetensors(None, tmp_path / "x", loaded=(model, {"model": config.to_dict()}))
+    assert main(["unpack", str(tmp_path / "x"), "--workdir", str(tmp_path / "w")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "not a --full export" in err and "\n" not in err
+    assert not (tmp_path / "w").exists()
 
 
 STEPS = 60
@@ -350,7 +457,7 @@ STEPS = 60
 @pytest.mark.slow  # about a minute on a 2-core CPU
 def test_finetune_an_imported_model_on_photos(imported, tokenizers, tmp_path):
     """60 steps from an imported (random-weight) taming model on the sample photos, its
-    fresh discriminator joining half-way: the reconstructions of held-out photos improve
+    imported discriminator joining half-way: the reconstructions of held-out photos improve
     (by a fifth in 60 steps; the package's tests read no data from outside the repo)."""
     from vqvae.tokenizer import Tokenizer
     from vqvae.trainer import Trainer
@@ -368,3 +475,18 @@ def test_finetune_an_imported_model_on_photos(imported, tokenizers, tmp_path):
     assert after < 0.85 * before, (before, after)  # measured: 10,416 -> 8,407 (uint8 units)
     lines = (tmp_path / "ft" / "metrics.jsonl").read_text()
     assert '"disc_loss"' in lines
+
+
+def test_an_ema_codebook_exports_and_loads_back_whole(trained10, tmp_path):
+    """An EMA codebook is not a parameter: the export carries it and its statistics, so
+    the folder loads back to the workdir's model bit for bit (parameters and the rest)."""
+    from vqvae.convert.common import other_variables
+    from vqvae.convert.export import export_safetensors, load_export, load_workdir
+
+    model, meta = load_workdir(trained10)
+    assert ("quantizer", "codebook") in other_variables(model)  # the tiny config's EMA
+    out = export_safetensors(trained10, tmp_path / "x", loaded=(model, meta))
+    again, info = load_export(out)
+    assert _equal(model_params(again), model_params(model))
+    assert _equal(other_variables(again), other_variables(model))
+    assert info["quantizer"]["num_codes"] == model.quantizer.num_codes

@@ -1,7 +1,7 @@
 """The adversarial half of the VQGAN recipe: a patch discriminator and its losses.
 
 taming-transformers' ``VQLPIPSWithDiscriminator`` in small pure functions: the PatchGAN
-discriminator (pix2pix's, with spectral or group normalisation), hinge or non-saturating
+discriminator (pix2pix's, with spectral, group or batch normalisation), hinge or non-saturating
 losses, the adaptive weight that balances the generator's adversarial gradient against the
 reconstruction's at the decoder's last layer, and LeCam regularisation (Tseng et al. 2021)
 for the discriminator.
@@ -14,7 +14,35 @@ import jax.numpy as jnp
 from flax import nnx
 
 LOSSES = ("hinge", "non_saturating")
-NORMS = ("spectral", "group", "none")
+NORMS = ("spectral", "group", "batch", "none")
+PADDINGS = ("same", "one")  # "one": taming's padding=1 (its stride-1 convs shrink by 1)
+
+
+class BatchNorm(nnx.Module):
+    """PyTorch's BatchNorm2d in training mode, as taming's discriminator runs it: the
+    batch's own mean and (biased) variance normalise; with ``update`` the running
+    averages move by ``momentum`` towards the batch's mean and unbiased variance (kept for
+    export; the discriminator never normalises with them). Over a sharded global batch
+    the statistics are the global batch's, as SyncBatchNorm's are."""
+
+    def __init__(self, channels: int, *, momentum: float = 0.1, eps: float = 1e-5):
+        self.scale = nnx.Param(jnp.ones(channels, jnp.float32))
+        self.bias = nnx.Param(jnp.zeros(channels, jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros(channels, jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones(channels, jnp.float32))
+        self.momentum, self.eps = momentum, eps
+
+    def __call__(self, x: jax.Array, *, update: bool = False) -> jax.Array:  # (B, H, W, C)
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=(0, 1, 2))  # (C,)
+        var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
+        if update:
+            n = xf.size // xf.shape[-1]
+            m = self.momentum
+            self.mean.set_value((1 - m) * self.mean.get_value() + m * mean)
+            self.var.set_value((1 - m) * self.var.get_value() + m * var * n / max(n - 1, 1))
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale.get_value()
+        return (y + self.bias.get_value()).astype(x.dtype)
 
 
 class PatchDiscriminator(nnx.Module):
@@ -23,7 +51,9 @@ class PatchDiscriminator(nnx.Module):
 
     A 4x4 stride-2 convolution to ``channels``, ``layers`` more that halve the resolution
     and double the width (up to 8x), a stride-1 one, and a 4x4 convolution to one logit;
-    LeakyReLU(0.2) between, and spectral or group normalisation on the inner ones.
+    LeakyReLU(0.2) between, and spectral, group or batch normalisation on the inner ones
+    (normalised convolutions have no bias, as in taming's ``NLayerDiscriminator``, which
+    ``norm="batch", padding="one"`` reproduces layer for layer).
     """
 
     def __init__(
@@ -33,33 +63,46 @@ class PatchDiscriminator(nnx.Module):
         channels: int = 64,
         layers: int = 3,
         norm: str = "spectral",
+        padding: str = "same",
         rngs: nnx.Rngs,
     ):
         if norm not in NORMS:
             raise ValueError(f"discriminator norm must be one of {NORMS}, got {norm!r}")
+        if padding not in PADDINGS:
+            raise ValueError(f"discriminator padding must be one of {PADDINGS}, got {padding!r}")
+        pad = "SAME" if padding == "same" else 1
         widths = [channels * min(2**i, 8) for i in range(layers + 1)]  # (64, 128, 256, 512)
         strides = [2] * layers + [1]
-        self.first = nnx.Conv(in_channels, widths[0], (4, 4), strides=2, rngs=rngs)
+        self.first = nnx.Conv(in_channels, widths[0], (4, 4), strides=2, padding=pad, rngs=rngs)
         convs, norms = [], []
         for cin, cout, stride in zip(widths[:-1], widths[1:], strides[1:], strict=True):
-            conv = nnx.Conv(cin, cout, (4, 4), strides=stride, use_bias=norm != "group", rngs=rngs)
+            conv = nnx.Conv(
+                cin, cout, (4, 4), strides=stride, padding=pad,
+                use_bias=norm in ("spectral", "none"), rngs=rngs,
+            )  # fmt: skip
             if norm == "spectral":
                 conv = nnx.SpectralNorm(conv, rngs=rngs)
             convs.append(conv)
             norms.append(
-                nnx.GroupNorm(cout, num_groups=min(32, cout), rngs=rngs)
-                if norm == "group"
+                nnx.GroupNorm(cout, num_groups=min(32, cout), rngs=rngs) if norm == "group"
+                else BatchNorm(cout) if norm == "batch"
                 else None
-            )
+            )  # fmt: skip
         self.convs, self.norms = nnx.List(convs), nnx.List(norms)
-        self.last = nnx.Conv(widths[-1], 1, (4, 4), rngs=rngs)
-        self.spectral = norm == "spectral"
+        self.last = nnx.Conv(widths[-1], 1, (4, 4), padding=pad, rngs=rngs)
+        self.kind = norm
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        """``train``: the discriminator's own step (spectral norm's power iteration and
+        batch norm's running averages move); the generator's step leaves them."""
         h = jax.nn.leaky_relu(self.first(x), 0.2)
         for conv, norm in zip(self.convs, self.norms, strict=True):
-            h = conv(h, update_stats=train) if self.spectral else conv(h)
-            h = jax.nn.leaky_relu(norm(h) if norm is not None else h, 0.2)
+            h = conv(h, update_stats=train) if self.kind == "spectral" else conv(h)
+            if self.kind == "batch":
+                h = norm(h, update=train)
+            elif norm is not None:
+                h = norm(h)
+            h = jax.nn.leaky_relu(h, 0.2)
         return self.last(h).astype(jnp.float32)
 
 

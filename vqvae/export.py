@@ -61,15 +61,15 @@ def _remove_killed(parent: Path) -> None:
             os.close(fd)
 
 
-class _Staging:
+class Staging:
     """A fresh hidden folder ``tmp`` beside ``out``, locked while an export writes it:
     ``finish`` renames it to ``out``, ``abandon`` removes it. Leftovers of killed exports
     in the same parent folder are removed first."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, flag: str = "--out"):
         self.out = out.expanduser()
         if self.out.exists():
-            raise FileExistsError(f"{self.out} already exists; choose a new --out or remove it")
+            raise FileExistsError(f"{self.out} already exists; choose a new {flag} or remove it")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         _remove_killed(self.out.parent)
         self.tmp = self.out.parent / f".{self.out.name}.partial"
@@ -109,7 +109,7 @@ def write_codebook(tokenizer: Tokenizer, folder: Path) -> dict:
 def export_codebook(tokenizer: Tokenizer, out: str | Path) -> Path:
     """A folder holding only the codebook files (and a small manifest)."""
     out = Path(out)
-    stage = _Staging(out)
+    stage = Staging(out)
     try:
         facts = write_codebook(tokenizer, stage.tmp)
         (stage.tmp / "manifest.json").write_text(json.dumps({"codebook": facts}, indent=2))
@@ -152,7 +152,7 @@ def export_tokens(
         channels=tokenizer.channels,
         train=split == "train",
     )
-    stage = _Staging(out)
+    stage = Staging(out)
     tmp = stage.tmp
     shards, pending, done, t0, shown = [], [], 0, time.time(), 0.0
     total, max_label = len(source), -1

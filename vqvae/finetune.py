@@ -4,9 +4,11 @@
 ``python -m vqvae.convert export``, or a released weight file (taming ``.ckpt``, LlamaGen
 ``.pt``, MaskGIT msgpack, a ``.safetensors``/``.npz`` of one of them: the family is read
 off the tensor names, the preset from ``init_preset`` or the family's default). The run
-takes the source's model config, starts from its parameters with a fresh optimizer (and,
-with ``gan.weight``, a fresh discriminator that starts at ``gan.start_step`` counted from
-the fine-tune's own step 0), and records the source in its checkpoints' meta.
+takes the source's model config, starts from its parameters with a fresh optimizer, and
+records the source in its checkpoints' meta. With ``gan.weight > 0`` the discriminator is
+the source's where it has one (taming's, imported by ``python -m vqvae.convert taming``:
+its shape replaces the run's ``gan`` shape keys), else a fresh one; either way it joins at
+``gan.start_step``, counted from the fine-tune's own step 0.
 
 ``freeze="encoder_codebook"`` keeps the encoder (with quant_conv) and the codebook fixed,
 bit for bit: their gradients are zeroed before the optimizer (so clipping sees only the
@@ -14,6 +16,7 @@ trained part) and their updates after it (decoder-only fine-tuning).
 """
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,8 @@ import optax
 from flax import nnx
 
 from vqvae.convert.common import ConvertError, model_params, read_tensors, sha256
+
+log = logging.getLogger(__name__)
 
 FREEZE = {"": (), "encoder_codebook": ("encoder", "quantizer")}
 
@@ -34,19 +39,33 @@ class Source:
     model: Any
     model_config: dict  # VQVAEConfig.to_dict()'s form
     record: dict
+    discriminator: tuple[dict, dict] | None = None  # (settings, variables by path)
 
     def apply(self, state: dict, shardings: dict) -> dict:
-        """A fresh train state with the source's parameters and model state in place."""
+        """A fresh train state with the source's parameters and model state in place (and
+        its discriminator's, where both have one)."""
         _, params, rest = nnx.split(self.model, nnx.Param, ...)
         where = {"params": shardings["params"], "rest": shardings["rest"]}
         placed = jax.device_put({"params": params, "rest": rest}, where)
-        return {**state, "params": placed["params"], "rest": placed["rest"]}
+        state = {**state, "params": placed["params"], "rest": placed["rest"]}
+        if "disc" in state and self.discriminator is not None:
+            from vqvae.convert import discriminator as disc_io
+
+            cfg, arrays = self.discriminator
+            disc = disc_io.build(cfg)
+            disc_io.place(disc, arrays)
+            _, d_params, d_rest = nnx.split(disc, nnx.Param, ...)
+            d_where = {"params": shardings["disc"]["params"], "rest": shardings["disc"]["rest"]}
+            d = jax.device_put({"params": d_params, "rest": d_rest}, d_where)
+            state["disc"] = {**state["disc"], "params": d["params"], "rest": d["rest"]}
+        return state
 
 
 def load_source(path: str | Path, preset: str | None = None) -> Source:
     """The model at ``path`` (workdir, export folder or weight file) and its record."""
     from vqvae.checkpoint import load_model
     from vqvae.convert import _family_of, import_tensors
+    from vqvae.convert import discriminator as disc_io
     from vqvae.convert.export import load_export
 
     path = Path(path).expanduser()
@@ -62,7 +81,7 @@ def load_source(path: str | Path, preset: str | None = None) -> Source:
         record = {"workdir": str(workdir.resolve()), "step": step}
         if meta.get("source"):
             record["source"] = meta["source"]
-        return Source(model, meta["model"], record)
+        return Source(model, meta["model"], record, disc_io.load(workdir))
     tensors = read_tensors(path)
     family = _family_of(tensors)
     if family is None:
@@ -70,7 +89,10 @@ def load_source(path: str | Path, preset: str | None = None) -> Source:
     model, config, name = import_tensors(family, tensors, preset or None)
     record = {"file": str(path.resolve()), "sha256": sha256(path), "family": family,
               "preset": name}  # fmt: skip
-    return Source(model, config.to_dict(), record)
+    disc = None
+    if family == "taming" and disc_io.present(tensors):
+        disc = disc_io.import_tensors(tensors)
+    return Source(model, config.to_dict(), record, disc)
 
 
 def prepare(config: ml_collections.ConfigDict) -> Source | None:
@@ -82,6 +104,18 @@ def prepare(config: ml_collections.ConfigDict) -> Source | None:
     source = load_source(path, config.get("init_preset", ""))
     with config.unlocked():
         config.model = ml_collections.ConfigDict(source.model_config)
+    gan = config.get("gan")
+    if source.discriminator is not None:
+        cfg = source.discriminator[0]
+        if gan is None or gan.weight <= 0:
+            log.info("the source's discriminator is not used: gan.weight is 0")
+            source.discriminator = None
+        else:  # its shape decides the run's discriminator
+            with config.unlocked():
+                for key in ("channels", "layers", "norm", "padding"):
+                    gan[key] = cfg[key]
+            source.record["discriminator"] = "the source's"
+            log.info("discriminator: the source's (%s)", cfg)
     return source
 
 

@@ -105,10 +105,25 @@ def make_taming(src: Path):
         rec = net.decoder(net.post_quant_conv(quant))
     sd = dict(net.state_dict())
     disc = NLayerDiscriminator(input_nc=3, ndf=8, n_layers=2)  # released files carry one
+    g = torch.Generator().manual_seed(2)
+    for m in disc.modules():  # BatchNorm affines and running averages away from 1 and 0
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data = 1 + 0.2 * torch.randn(m.weight.shape, generator=g)
+            m.bias.data = 0.2 * torch.randn(m.bias.shape, generator=g)
+            m.running_mean.data = 0.2 * torch.randn(m.running_mean.shape, generator=g)
+            m.running_var.data = 1 + 0.2 * torch.rand(m.running_var.shape, generator=g)
     _torch_round(disc)
-    sd |= {f"loss.discriminator.{k}": v for k, v in disc.state_dict().items()}
+    sd |= {f"loss.discriminator.{k}": v.clone() for k, v in disc.state_dict().items()}
+    disc.train()  # as taming's loss runs it: batch statistics, running averages updated
+    with torch.no_grad():
+        real, fake = disc(x), disc(rec)  # the discriminator step's order
+    bn = [m for m in disc.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     outputs = dict(images=x_u8, encoded=h.permute(0, 2, 3, 1).numpy(), ids=ids.numpy(),
-                   decoded=rec.permute(0, 2, 3, 1).numpy())  # fmt: skip
+                   decoded=rec.permute(0, 2, 3, 1).numpy(),
+                   disc_real=real.permute(0, 2, 3, 1).numpy(),
+                   disc_fake=fake.permute(0, 2, 3, 1).numpy(),
+                   disc_means=np.concatenate([m.running_mean.numpy() for m in bn]),
+                   disc_vars=np.concatenate([m.running_var.numpy() for m in bn]))  # fmt: skip
     ckpt = {"state_dict": sd, "global_step": 0, "epoch": 0}
     _torch_save("taming.ckpt", sd, ckpt, torch, outputs, {**c, "image_size": SIZE})
 

@@ -8,18 +8,21 @@
 An import maps every tensor of the file onto the preset's model (layouts, names, the
 pixel range), refuses in one line on the first tensor missing, left over or of the wrong
 shape, and writes a workdir whose checkpoint 0 ``Tokenizer.load`` reads, with a ``source``
-record (file, SHA-256, converter version) in its meta.
+record (file, SHA-256, converter version) in its meta. taming's discriminator, where the
+file has one, is imported too (``vqvae.convert.discriminator``); its LPIPS heads are not
+(make LPIPS weights with ``python -m vqvae.lpips``).
 """
 
 from pathlib import Path
 
-from vqvae.convert import maskgit, taming
+from vqvae.convert import discriminator, maskgit, taming
 from vqvae.convert.common import (
     CONVERTER_VERSION,
     ConvertError,
     abstract_params,
     build_with,
     match,
+    new_workdir,
     read_tensors,
     resolve_config,
     sha256,
@@ -80,7 +83,16 @@ def import_tensors(
 def convert(family: str, file: str | Path, workdir: str | Path, preset=None) -> Path:
     """Import ``file`` of ``family`` into a new workdir: -> the workdir."""
     file = Path(file).expanduser()
-    model, config, name = import_tensors(family, read_tensors(file), preset)
+    tensors = read_tensors(file)
+    model, config, name = import_tensors(family, tensors, preset)
+    disc = None
+    if family == "taming" and discriminator.present(tensors):
+        disc = discriminator.import_tensors(tensors)
+        if disc[0]["in_channels"] != config.channels:
+            raise ConvertError(
+                f"the discriminator takes {disc[0]['in_channels']} channels, the model "
+                f"{config.channels}"
+            )
     source = {
         "family": family,
         "file": str(file.resolve()),
@@ -88,4 +100,7 @@ def convert(family: str, file: str | Path, workdir: str | Path, preset=None) -> 
         "preset": name,
         "converter": f"vqvae.convert {CONVERTER_VERSION}",
     }
+    if disc is not None:  # beside the checkpoint, its shape in the source record
+        discriminator.save(new_workdir(workdir), *disc)
+        source["discriminator"] = disc[0]
     return write_workdir(workdir, model, config, source)

@@ -1,5 +1,6 @@
 """python -m vqvae.convert {taming,llamagen,maskgit} FILE --workdir W [--preset NAME]
-python -m vqvae.convert export W --to DIR [--full] | --to-taming FILE | --to-llamagen FILE"""
+python -m vqvae.convert export W --to DIR [--full] | --to-taming FILE | --to-llamagen FILE
+python -m vqvae.convert unpack DIR --workdir W   (a --full export -> a workdir that resumes)"""
 
 import argparse
 import sys
@@ -22,9 +23,17 @@ def main(argv=None) -> int:
     e.add_argument("--full", action="store_true", help="also the training state")
     e.add_argument("--to-taming", help="a .safetensors/.ckpt file in taming's layout")
     e.add_argument("--to-llamagen", help="a .safetensors/.pt file in LlamaGen's layout")
+    u = sub.add_parser("unpack", help="a --full export back into a workdir that resumes")
+    u.add_argument("directory")
+    u.add_argument("--workdir", required=True, help="the new workdir to write")
     a = p.parse_args(argv)
     try:
-        if a.command == "export":
+        if a.command == "unpack":
+            from vqvae.convert.unpack import unpack
+
+            w = unpack(a.directory, a.workdir)
+            print(f"{w}: resume with python train.py --config {w}/config.py --workdir {w}")
+        elif a.command == "export":
             from vqvae.convert.export import export_original, export_safetensors, load_workdir
 
             if not (a.to or a.to_taming or a.to_llamagen):
@@ -38,7 +47,7 @@ def main(argv=None) -> int:
                 print(export_original(a.workdir, a.to_llamagen, "llamagen", a.step, loaded))
         else:
             print(convert(a.command, a.file, a.workdir, a.preset))
-    except (ConvertError, FileNotFoundError) as err:  # CheckpointError is one
+    except (ConvertError, FileNotFoundError, FileExistsError) as err:  # CheckpointError too
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

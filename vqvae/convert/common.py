@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vqvae.errors import UserError
 from vqvae.model import PRESETS, VQVAE, VQVAEConfig
 
 CONVERTER_VERSION = 1
@@ -24,7 +25,7 @@ TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CONTAINER_KEYS = ("state_dict", "model", "params")
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError, ValueError):
     """A file or preset that cannot be converted, said in one line."""
 
 
@@ -277,24 +278,54 @@ def match(
     return out
 
 
-def build_with(config: VQVAEConfig, params: dict[Path_, np.ndarray]) -> VQVAE:
-    """The model of ``config`` holding ``params`` (every parameter given)."""
+def build_with(
+    config: VQVAEConfig,
+    params: dict[Path_, np.ndarray],
+    others: dict[Path_, np.ndarray] | None = None,
+) -> VQVAE:
+    """The model of ``config`` holding ``params`` (every parameter given) and, where given,
+    ``others``: its non-parameter variables by path (an EMA codebook and its statistics);
+    the rest keep their initial values."""
     graphdef, abstract, rest = _skeleton(config)
     flat = [
         (p, v.replace(jnp.asarray(params[tuple(p)], jnp.float32)))
         for p, v in nnx.to_flat_state(abstract)
     ]
+    if others:
+        rest = nnx.from_flat_state([
+            (p, v.replace(jnp.asarray(others[tuple(p)], v.get_value().dtype))
+             if tuple(p) in others else v)
+            for p, v in nnx.to_flat_state(rest)
+        ])  # fmt: skip
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
 
-def write_workdir(workdir: str | Path, model: VQVAE, config: VQVAEConfig, source: dict) -> Path:
-    """A workdir holding ``model`` as checkpoint 0, readable by ``Tokenizer.load``."""
-    from vqvae.checkpoint import Checkpoints
+def other_variables(model: VQVAE) -> dict[Path_, np.ndarray]:
+    """The model's non-parameter variables by path (an EMA codebook, its statistics)."""
+    _, _, rest = nnx.split(model, nnx.Param, ...)
+    return {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(rest)}
 
+
+def other_shapes(config: VQVAEConfig) -> dict[Path_, tuple]:
+    _, _, rest = _skeleton(config)
+    return {tuple(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(rest)}
+
+
+def new_workdir(workdir: str | Path) -> Path:
+    """``workdir``, created, or a ``ConvertError`` where it already holds checkpoints."""
     workdir = Path(workdir).expanduser()
     if (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
         raise ConvertError(f"{workdir} already holds checkpoints; pick a new --workdir")
     workdir.mkdir(parents=True, exist_ok=True)
+    return workdir
+
+
+def write_workdir(workdir: str | Path, model: VQVAE, config: VQVAEConfig, source: dict) -> Path:
+    """A workdir holding ``model`` as checkpoint 0, readable by ``Tokenizer.load`` (files
+    beside it are written first: a checkpoint means the workdir is whole)."""
+    from vqvae.checkpoint import Checkpoints
+
+    workdir = new_workdir(workdir)
     _, params, rest = nnx.split(model, nnx.Param, ...)
     meta = {
         "kind": "vqvae",

@@ -1,10 +1,12 @@
 """A workdir's tokenizer out: ``model.safetensors`` + ``config.json`` in the package's
 layout, or a state dict in taming's or LlamaGen's layout (the inverse of the import).
 
-``model.safetensors`` holds the generator's parameters named by their path in the
+``model.safetensors`` holds the generator's variables named by their path in the
 package's model joined by dots (``encoder.down.0.block.0.conv1.kernel``, HWIO kernels,
-``quantizer.codebook`` (K, D)); ``config.json`` the model config, the quantizer's kind and
-codebook shape, and where the weights came from. Both read without the package.
+``quantizer.codebook`` (K, D), learned or EMA, and an EMA codebook's statistics);
+``config.json`` the model config, the quantizer's kind and codebook shape, and where the
+weights came from. Both read without the package. ``--full`` adds the training state, and
+``unpack`` turns such a folder back into a workdir that resumes exactly.
 """
 
 import json
@@ -18,6 +20,8 @@ from vqvae.convert.common import (
     ConvertError,
     build_with,
     model_params,
+    other_shapes,
+    other_variables,
 )
 from vqvae.model import VQVAE, VQVAEConfig
 
@@ -39,17 +43,19 @@ def export_safetensors(
     workdir, to, step: int | None = None, full: bool = False, loaded: tuple | None = None
 ) -> Path:
     """``to/model.safetensors`` and ``to/config.json`` from a workdir's checkpoint; with
-    ``full`` also ``to/train.safetensors``: the training state beside the model (the
-    discriminator, both optimizers' states, the step), named by their paths. ``loaded``:
-    the workdir's (model, meta) where the caller has them already."""
+    ``full`` also ``to/train.safetensors``: the rest of the checkpoint (the discriminator,
+    both optimizers' states, the step) and the checkpoint's meta in config.json, which
+    ``unpack`` turns back into a workdir that resumes exactly. ``loaded``: the workdir's
+    (model, meta) where the caller has them already. The folder is written whole or not
+    at all (staged, then renamed)."""
     from safetensors.numpy import save_file
+
+    from vqvae.export import Staging
 
     model, meta = loaded or load_workdir(workdir, step)
     config = VQVAEConfig.from_dict(meta["model"])
-    to = Path(to).expanduser()
-    to.mkdir(parents=True, exist_ok=True)
-    params = {_name(p): np.ascontiguousarray(a) for p, a in model_params(model).items()}
-    save_file(params, str(to / "model.safetensors"), metadata={"format": FORMAT})
+    variables = model_params(model) | other_variables(model)
+    params = {_name(p): np.ascontiguousarray(a) for p, a in variables.items()}
     q = config.quantizer
     codes = params.get("quantizer.codebook")
     info = {
@@ -67,17 +73,40 @@ def export_safetensors(
         or ({"workdir": str(Path(workdir).resolve())} if workdir else None),  # fmt: skip
         "step": meta.get("step"),
     }
+    train = None
     if full:
-        train = _train_state(workdir, step)
-        save_file(train, str(to / "train.safetensors"), metadata={"format": FORMAT})
+        if workdir is None:
+            raise ConvertError("a full export needs a workdir's checkpoint")
+        train, saved_meta = _checkpoint_state(workdir, step)
         info["train"] = sorted(train)
-    (to / "config.json").write_text(json.dumps(info, indent=1, default=str) + "\n")
-    return to
+        info["meta"] = {k: v for k, v in saved_meta.items() if k != "checksums"}
+    stage = Staging(Path(to), "--to")
+    try:
+        save_file(params, str(stage.tmp / "model.safetensors"), metadata={"format": FORMAT})
+        if train is not None:
+            save_file(train, str(stage.tmp / "train.safetensors"), metadata={"format": FORMAT})
+        (stage.tmp / "config.json").write_text(json.dumps(info, indent=1, default=str) + "\n")
+    except BaseException:
+        stage.abandon()
+        raise
+    stage.finish()
+    return stage.out
 
 
-def _train_state(workdir, step) -> dict[str, np.ndarray]:
-    """The checkpoint's train item (discriminator, optimizer states, step) flattened."""
+def _flat_names(tree) -> dict[str, object]:
+    """A pytree's leaves by their path's names joined by dots."""
     import jax
+
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        key = ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                       for k in path)  # fmt: skip
+        out[key] = leaf
+    return out
+
+
+def _checkpoint_state(workdir, step) -> tuple[dict[str, np.ndarray], dict]:
+    """(the checkpoint's train item flattened, its meta)."""
     import orbax.checkpoint as ocp
 
     from vqvae.checkpoint import Checkpoints
@@ -86,14 +115,11 @@ def _train_state(workdir, step) -> dict[str, np.ndarray]:
     try:
         s = ckpt._step(step)
         out = ckpt.manager.restore(s, args=ocp.args.Composite(train=ocp.args.StandardRestore()))
+        meta = ckpt.meta(s)
     finally:
         ckpt.close()
-    flat = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(out["train"]):
-        key = ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-                       for k in path)  # fmt: skip
-        flat[key] = np.ascontiguousarray(np.asarray(leaf))
-    return flat
+    flat = {k: np.array(v, order="C") for k, v in _flat_names(out["train"]).items()}  # 0-d kept
+    return flat, meta
 
 
 def load_export(directory: str | Path) -> tuple[VQVAE, dict]:
@@ -108,12 +134,20 @@ def load_export(directory: str | Path) -> tuple[VQVAE, dict]:
     tensors = load_file(str(directory / "model.safetensors"))
     from vqvae.convert.common import abstract_params
 
-    shapes = abstract_params(config)
+    shapes, others = abstract_params(config), other_shapes(config)
     for path, shape in shapes.items():
         name = _name(path)
         if name not in tensors or tuple(tensors[name].shape) != shape:
             raise ConvertError(f"tensor {name} is missing or of another shape in {directory}")
-    model = build_with(config, {p: tensors[_name(p)] for p in shapes})
+    for path, shape in others.items():  # an EMA codebook: exports before it had none
+        name = _name(path)
+        if name in tensors and tuple(tensors[name].shape) != shape:
+            raise ConvertError(f"tensor {name} is of another shape in {directory}")
+    model = build_with(
+        config,
+        {p: tensors[_name(p)] for p in shapes},
+        {p: tensors[_name(p)] for p in others if _name(p) in tensors},
+    )
     return model, info
 
 

@@ -72,6 +72,7 @@ class TokenizerTask(Task):
             channels=g.channels,
             layers=g.layers,
             norm=g.norm,
+            padding=g.get("padding", "same"),
             rngs=nnx.Rngs(seed),
         )
 
