@@ -7,7 +7,7 @@ examples:
   python sample.py --workdir workdir/default --source folder:DIR --split all --num 256
   # encode a whole source into token shards (+ manifest.json and the codebook)
   python sample.py --workdir workdir/default --mode tokens --source sample_photos \\
-      --out workdir/tokens/ [--split val] [--augment flip]
+      --out workdir/tokens/ [--split val] [--augment flip|tencrop]
   # the codebook alone, as codebook.npy and codebook.npz
   python sample.py --workdir workdir/default --mode codebook --out workdir/codebook/
   # sample token grids from a trained prior or masked generator, decode with its tokenizer
@@ -223,8 +223,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--augment",
         default="none",
-        choices=["none", "flip"],
-        help="tokens: also export each image's mirror image (flip); ten-crop is not offered",
+        choices=["none", "flip", "tencrop"],
+        help="tokens: also export each image's mirror image (flip), or its ten crops read "
+        "1.1x larger (tencrop: centre, corners and their mirrors, as LlamaGen extracts)",
     )
     p.add_argument("--num", type=int, default=16, help="how many images (recon: 0 for all)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")

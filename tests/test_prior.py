@@ -346,7 +346,41 @@ def test_flip_export_round_trips_and_the_source_draws_one_view_per_example(train
     assert all(f or np.array_equal(g, tokens[i, 0]) for f, g in zip(flipped, drawn, strict=True))
     assert 5 < sum(flipped) < 35  # both views drawn, about half each
     with pytest.raises(ValueError, match="augment must be one of"):
-        export_tokens(tok, "sample_photos", tmp_path / "bad", augment="tencrop")
+        export_tokens(tok, "sample_photos", tmp_path / "bad", augment="rotate")
+
+
+def test_tencrop_export_holds_each_crop_and_its_mirror(trained10, tmp_path):
+    """Ten-crop reads images 1.1x larger (17 px for the 16-px model) and exports the
+    centre and corner crops and their mirrors, each the tokens of that crop (cut here by
+    hand); the token source draws among all ten."""
+    from vqvae.data import local_examples
+    from vqvae.export import export_tokens
+    from vqvae.sources import TokenSource, make_source
+    from vqvae.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(trained10)
+    out = tmp_path / "tencrop"
+    m = export_tokens(tok, "sample_photos", out, split="val", augment="tencrop", log=lambda _: 0)
+    assert m["views"][:2] == ["center", "top_left"] and len(m["views"]) == 10
+    assert m["read_at"] == 17
+    tokens = np.load(out / m["shards"][0]["file"])["tokens"]  # (n, 10, 4, 4)
+    source = make_source({"source": "sample_photos"}, image_size=17, train=False)
+    examples = local_examples(source, m["num_examples"])
+    big = next(examples)["image"]
+    examples.close()
+    crops = {"center": big[:, 0:16, 0:16], "top_left": big[:, :16, :16],  # offset round(0.5)
+             "top_right": big[:, :16, 1:], "bottom_left": big[:, 1:, :16],
+             "bottom_right": big[:, 1:, 1:]}  # fmt: skip
+    for j, view in enumerate(m["views"]):
+        crop = crops[view.removeprefix("flip_")]
+        crop = crop[:, :, ::-1] if view.startswith("flip_") else crop
+        np.testing.assert_array_equal(tokens[:, j], tok.encode(crop), err_msg=view)
+    assert len({tokens[:, j].tobytes() for j in range(10)}) > 5  # the views differ
+    grids = TokenSource(str(out), train=True, val_fraction=0.0)
+    distinct = [{tokens[i, j].tobytes() for j in range(10)} for i in range(len(tokens))]
+    i = int(np.argmax([len(d) for d in distinct]))  # the example whose views differ most
+    drawn = {grids.decode(i, np.random.default_rng([0, t]))["tokens"].tobytes() for t in range(80)}
+    assert drawn <= distinct[i] and len(drawn) == len(distinct[i]) > 3
 
 
 @pytest.mark.slow  # a short training

@@ -6,10 +6,11 @@ A token export is a folder that plain NumPy reads, with no need for this package
                            shards, codebook sha256, ...
     tokens-00000.npz       tokens int32 (n, h, w), or (n, h, w, L) with L residual levels;
                            labels int32 (n,) (-1: no label). With an augmentation
-                           (``augment``: flip) each image's views side by side:
+                           (``augment``: flip, tencrop) each image's views side by side:
                            (n, A, h, w[, L]), the manifest's ``views`` naming them
-                           (["none", "flip"]); the token source draws one per example and
-                           epoch (as LlamaGen's pre-extracted flips), held-out ones view 0
+                           (["none", "flip"]; tencrop: centre, corners, their mirrors);
+                           the token source draws one per example and epoch (as
+                           LlamaGen's pre-extracted flips and crops), held-out ones view 0
     codebook.npy           the code vectors float32, (K, D) or (L, K, D) (also in .npz)
 
 It is written to a hidden ``.OUT.partial`` folder and renamed into place when complete, so
@@ -32,14 +33,48 @@ from vqvae import data as data_lib
 from vqvae.tokenizer import Tokenizer
 
 FORMAT = "vqvae-tokens-1"
-AUGMENTS = {"none": ("none",), "flip": ("none", "flip")}  # --augment: the views exported
+_CROPS = ("center", "top_left", "top_right", "bottom_left", "bottom_right")
+# --augment: the views exported, view 0 first (the one held-out examples use)
+AUGMENTS = {
+    "none": ("none",),
+    "flip": ("none", "flip"),
+    "tencrop": _CROPS + tuple(f"flip_{c}" for c in _CROPS),
+}
+CROP_RANGE = 1.1  # ten-crop reads images this much larger, as LlamaGen's extraction does
 
 
-def views(images: np.ndarray, augment: str) -> list[np.ndarray]:
-    """The augmented views of a batch (B, H, W, C): the images, then (flip) mirrored."""
+def check_augment(augment: str) -> None:
     if augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {sorted(AUGMENTS)}, got {augment!r}")
-    return [images if v == "none" else images[:, :, ::-1] for v in AUGMENTS[augment]]
+
+
+def source_size(image_size: int, augment: str) -> int:
+    """The size images are read at: the model's, or (tencrop) ``CROP_RANGE`` larger."""
+    return int(image_size * CROP_RANGE) if augment == "tencrop" else image_size
+
+
+def _crop(images: np.ndarray, where: str, size: int) -> np.ndarray:
+    """One of torchvision's five crops of (B, S, S, C) to (B, size, size, C)."""
+    full = images.shape[1]
+    if where == "center":  # torchvision's rounding of the offset
+        top = int(round((full - size) / 2.0))
+        left = int(round((images.shape[2] - size) / 2.0))
+    else:
+        top = 0 if where.startswith("top") else full - size
+        left = 0 if where.endswith("left") else images.shape[2] - size
+    return images[:, top : top + size, left : left + size]
+
+
+def views(images: np.ndarray, augment: str, size: int | None = None) -> list[np.ndarray]:
+    """The augmented views of a batch (B, H, W, C) in ``AUGMENTS`` order: the images, then
+    (flip) mirrored; or (tencrop) the centre and four corner crops of ``size`` and their
+    mirror images (torchvision's TenCrop)."""
+    check_augment(augment)
+    out = []
+    for v in AUGMENTS[augment]:
+        x = images if v in ("none", "flip") else _crop(images, v.removeprefix("flip_"), size)
+        out.append(x[:, :, ::-1] if v.startswith("flip") else x)
+    return out
 
 
 def _remove_killed(parent: Path) -> None:
@@ -137,18 +172,19 @@ def export_tokens(
     ``data``: a source spec, or a data section (``source``, ``val_fraction``, ...: a
     checkpoint's meta keeps the one it was trained on). ``workers`` decode in parallel
     (-1: as many as pay, as in training). ``augment``: ``flip`` also exports each image
-    mirrored left to right (``AUGMENTS``).
+    mirrored left to right; ``tencrop`` reads each image ``CROP_RANGE`` larger and exports
+    its ten crops at the model's size (``AUGMENTS``).
     """
     log = log or (lambda line: print(line, file=sys.stderr))
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    views(np.zeros((0, 1, 1, 1), np.uint8), augment)  # a bad name fails before any work
+    check_augment(augment)  # a bad name fails before any work
     data = {"source": data} if isinstance(data, str) else dict(data)
     source_spec = data["source"]
     out = Path(out).expanduser()
     source = data_lib.make_source(
         data,
-        image_size=tokenizer.image_size,
+        image_size=source_size(tokenizer.image_size, augment),
         channels=tokenizer.channels,
         train=split == "train",
     )
@@ -171,7 +207,8 @@ def export_tokens(
     skipped: set[str] = set()
     try:
         for batch in data_lib.local_examples(source, batch_size, workers, skipped):
-            grids = [tokenizer.encode(v) for v in views(batch["image"], augment)]
+            crops = views(batch["image"], augment, tokenizer.image_size)
+            grids = [tokenizer.encode(v) for v in crops]
             grids = grids[0] if augment == "none" else np.stack(grids, axis=1)  # (n, A, ...)
             pending.append((grids, batch["label"].astype(np.int32)))
             done += len(batch["image"])
@@ -199,6 +236,7 @@ def export_tokens(
             "split": split,
             "augment": augment,
             "views": list(AUGMENTS[augment]),
+            "read_at": source_size(tokenizer.image_size, augment),
             "skipped_files": sorted(skipped),
             # relative to this folder, so the pair can move together (no machine path)
             "tokenizer": os.path.relpath(tokenizer.workdir, out) if tokenizer.workdir else "",
