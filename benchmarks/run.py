@@ -1,4 +1,5 @@
-"""Benchmark suite: training throughput, the nearest-code lookup, memory, the input pipeline.
+"""Benchmark suite: training throughput, the nearest-code lookup, memory, the input
+pipeline, and the two generators' sampling rates.
 
     python benchmarks/run.py [--preset sonnet-cifar|f8-256|all] [--quick] [--json out.json]
         [--only CASE ...] [--isolate auto|always|never]
@@ -16,8 +17,10 @@ runs in a fresh process wherever the device reports it. FLOPs are analytic
 (500 x 375) from the iterator's creation, worker start-up included: the decoding path from
 before the grain pipeline, then the pipeline inline and with 1, 2, the default number of
 workers and one per core (each case in a fresh process, the median of three runs).
-``--quick`` shrinks every case to run on a CPU in a couple of minutes; it proves the suite
-runs, not how fast anything is.
+Sampler cases time each generator's whole sampling program (random weights, labelled
+batch, guidance off and at 3) at an ImageNet-256 f16 grid. ``--quick`` shrinks every
+case to run on a CPU in a couple of minutes; it proves the suite runs, not how fast
+anything is.
 """
 
 import argparse
@@ -296,6 +299,54 @@ def _loader_summary(rows: list[dict]) -> None:
             r["cores_for_1000_per_s"] = 1000 * r["cores"] / r["steady_images_per_s"]
 
 
+# --- generation ---------------------------------------------------------------------------
+# Both generators at one shape each: an ImageNet-256 f16 grid (16 x 16 tokens, 1,024 codes),
+# class-conditional; --quick: a 4 x 4 grid and a small width.
+SAMPLER_SHAPE = dict(vocab_size=1024, grid=(16, 16), num_classes=1000, width=512, depth=8,
+                     heads=8)  # fmt: skip
+QUICK_SAMPLER_SHAPE = dict(vocab_size=32, grid=(4, 4), num_classes=10, width=64, depth=2, heads=4)
+SAMPLER_BATCH = {False: 64, True: 8}
+
+
+def bench_sampler(kind: str, cfg_scale: float, quick: bool, warmup: int, iters: int) -> dict:
+    """Samples per second of a generator with random weights: the AR prior's KV-cached
+    sampling (one token per step) or the masked generator's 8 parallel decoding steps;
+    with ``cfg_scale`` other than 1 the batch runs doubled for guidance."""
+    from vqvae import maskgit, prior
+
+    shape = QUICK_SAMPLER_SHAPE if quick else SAMPLER_SHAPE
+    batch = SAMPLER_BATCH[quick]
+    if kind == "prior":
+        model = prior.PriorConfig(**shape).build(nnx.Rngs(0))
+        run = partial(prior.sample, cfg_scale=cfg_scale)
+    else:
+        model = maskgit.MaskGITConfig(**shape).build(nnx.Rngs(0))
+        run = partial(maskgit.sample, steps=8, cfg_scale=cfg_scale)
+    graphdef, state = nnx.split(model)
+    labels = jnp.arange(batch, dtype=jnp.int32) % shape["num_classes"]
+
+    @jax.jit
+    def generate(state, key):
+        return run(nnx.merge(graphdef, state), key, labels)
+
+    key = jax.random.key(0)
+    t0 = time.perf_counter()
+    compiled = generate.lower(state, key).compile()
+    compile_s = time.perf_counter() - t0
+    seconds, out = timed(compiled, state, key, warmup=warmup, iters=iters)
+    assert out.shape == (batch, shape["grid"][0] * shape["grid"][1])
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return {
+        "case": f"{kind} sampling, cfg {cfg_scale:g}",
+        "grid": "x".join(map(str, shape["grid"])),
+        "params": int(params),
+        "batch": batch,
+        "samples_per_s": batch / seconds,
+        "ms_per_sample": 1000 * seconds / batch,
+        "compile_s": compile_s,
+    }
+
+
 # --- the cases ----------------------------------------------------------------------------
 def cases(presets: list[str], quick: bool) -> dict:
     """Every case by name -> (group, a function returning its row)."""
@@ -321,6 +372,10 @@ def cases(presets: list[str], quick: bool) -> dict:
         case = {**base_case, "model": base_case["model"].replace(quantizer=qc)}
         fn = partial(bench_train, f"sonnet-cifar, {kind}", case, warmup, iters, compare=False)
         out[f"quantizer {kind}"] = ("quantizer", fn)
+    for kind in ("prior", "maskgit"):
+        for scale in (1.0, 3.0):
+            fn = partial(bench_sampler, kind, scale, quick, warmup, iters)
+            out[f"sampler {kind} cfg {scale:g}"] = ("sampler", fn)
     cores = max(1, len(os.sched_getaffinity(0)))
     auto = resolve_workers(-1, parallel=True)  # what a folder source gets by default
     for workers in dict.fromkeys([-1, 0, 1, 2, auto, cores]):

@@ -43,6 +43,10 @@ def test_quick_benchmark_suite_runs(tmp_path):
     for case, r in loader.items():
         assert r["images"] == 160 and r["images_per_s"] > 0 and r["first_batch_s"] > 0, case
         assert "over_old" in r  # every row against the old path, measured in the same run
+    sampler = {r["case"]: r for r in result["sampler"]}
+    assert set(sampler) == {f"{k} sampling, cfg {c}" for k in ("prior", "maskgit") for c in (1, 3)}
+    for r in sampler.values():
+        assert r["samples_per_s"] > 0 and r["params"] > 0 and r["grid"] == "4x4"
     assert "| case |" in proc.stdout
 
 
