@@ -14,7 +14,7 @@ weight ``choice_temperature * (1 - t/T)``, annealed as in MaskGIT) and masks aga
 
 import dataclasses
 import math
-from typing import Any
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -22,48 +22,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vqvae.prior import Block, cfg_scale_at, guide, pick
+from vqvae.prior import Block, GridModelConfig, cfg_scale_at, guide, pick
 
 
 @dataclasses.dataclass(frozen=True)
-class MaskGITConfig:
+class MaskGITConfig(GridModelConfig):
     """Everything needed to rebuild the masked generator; stored in its checkpoints."""
 
-    vocab_size: int = 256
-    grid: tuple[int, int] = (8, 8)
-    levels: int = 1  # tokens per grid position (a residual quantizer's levels)
-    num_classes: int = 0  # 0: unconditional
-    width: int = 128
-    depth: int = 4
-    heads: int = 4
-    mlp_ratio: int = 4
-
-    def __post_init__(self):
-        object.__setattr__(self, "grid", tuple(self.grid))
-        if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
-        if self.vocab_size < 2 or min(self.grid) < 1:
-            raise ValueError("the masked generator needs vocab_size >= 2 and a non-empty grid")
-
-    @property
-    def seq_len(self) -> int:
-        return self.grid[0] * self.grid[1] * self.levels
-
-    @property
-    def token_shape(self) -> tuple[int, ...]:
-        return self.grid if self.levels == 1 else (*self.grid, self.levels)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["grid"] = list(self.grid)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MaskGITConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown maskgit config keys: {sorted(unknown)}")
-        return cls(**d)
+    what: ClassVar[str] = "masked generator"
 
     def build(self, rngs: nnx.Rngs) -> "MaskGIT":
         return MaskGIT(self, rngs=rngs)

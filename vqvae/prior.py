@@ -15,7 +15,7 @@ one key/value cache, so guidance costs no second pass over the prefix.
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +25,9 @@ from flax import nnx
 
 
 @dataclasses.dataclass(frozen=True)
-class PriorConfig:
-    """Everything needed to rebuild the prior; stored in its checkpoints."""
+class GridModelConfig:
+    """The shape of a transformer over token grids (the prior's and the masked
+    generator's); each subclass is stored in its own checkpoints and builds its model."""
 
     vocab_size: int = 256
     grid: tuple[int, int] = (8, 8)
@@ -37,12 +38,14 @@ class PriorConfig:
     heads: int = 4
     mlp_ratio: int = 4
 
+    what: ClassVar[str] = "token model"  # in error messages
+
     def __post_init__(self):
         object.__setattr__(self, "grid", tuple(self.grid))
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.vocab_size < 2 or min(self.grid) < 1:
-            raise ValueError("the prior needs vocab_size >= 2 and a non-empty grid")
+            raise ValueError(f"the {self.what} needs vocab_size >= 2 and a non-empty grid")
 
     @property
     def seq_len(self) -> int:
@@ -59,11 +62,18 @@ class PriorConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PriorConfig":
+    def from_dict(cls, d: dict[str, Any]):
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown prior config keys: {sorted(unknown)}")
+            raise ValueError(f"unknown {cls.what} config keys: {sorted(unknown)}")
         return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorConfig(GridModelConfig):
+    """Everything needed to rebuild the prior; stored in its checkpoints."""
+
+    what: ClassVar[str] = "prior"
 
     def build(self, rngs: nnx.Rngs) -> "Prior":
         return Prior(
