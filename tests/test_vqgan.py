@@ -255,7 +255,7 @@ def test_a_vqgan_tokenizer_with_dropout_trains_and_resumes_exactly(tmp_path):
     from .test_trainer import _assert_trees_close
 
     def run(steps, workdir):
-        c = _tiny_vqgan(steps=steps, checkpoint_every=1, eval_every=2, eval_batches=1)
+        c = _tiny_vqgan(steps=steps, checkpoint_every=1, eval_every=0)
         c.model.vqgan.dropout = 0.5
         trainer = Trainer(c, workdir)
         trainer.train()
@@ -266,7 +266,7 @@ def test_a_vqgan_tokenizer_with_dropout_trains_and_resumes_exactly(tmp_path):
     straight = run(2, tmp_path / "straight")
     _assert_trees_close(resumed, straight, rtol=0, atol=0)
     # and dropout is on in training: the same run without it ends elsewhere
-    c = _tiny_vqgan(steps=2, checkpoint_every=2, eval_every=2, eval_batches=1)
+    c = _tiny_vqgan(steps=2, checkpoint_every=2, eval_every=0)
     off = Trainer(c, tmp_path / "off")
     off.train()
     off_params = jax.tree.leaves(jax.device_get(off.state["params"]))
