@@ -2,7 +2,7 @@
 straight-through estimator (STE), after Schoenbauer et al. 2024, "Custom Gradient
 Estimators are Straight-Through Estimators in Disguise" (arXiv 2405.05171).
 
-Part 1, weight quantization: a small ConvNet with quantized weights (``vqvae.qlayers``) on
+Part 1, weight quantization: a small ConvNet with quantized weights (``vqvae.study.qlayers``) on
 scikit-learn's handwritten digits (8x8, 1,797 images, shipped inside scikit-learn: nothing
 to download). Two copies train side by side on the same batches, one with a custom
 estimator and one with the STE, and ``pair_run`` records how far apart they drift.
@@ -24,7 +24,8 @@ import optax
 from flax import nnx
 
 from vqvae import ste
-from vqvae.qlayers import QuantizedConv, QuantizedLinear
+from vqvae.study import surrogates
+from vqvae.study.qlayers import QuantizedConv, QuantizedLinear
 
 # --- part 1: a ConvNet with quantized weights ------------------------------------------------
 
@@ -102,7 +103,7 @@ def pair_run(
 
     ``mapped`` (SGD only): start the STE copy from the custom estimator's weights put
     through the weight map and train it at the learning rate times the factor, both from
-    ``vqvae.ste.sgd_equivalence``. ``adam_b2``: Adam's second-moment decay (how many steps
+    ``surrogates.sgd_equivalence``. ``adam_b2``: Adam's second-moment decay (how many steps
     its gradient scale averages over). Returns histories: ``step``; ``agree`` (share of quantized
     weights equal in the two); ``distance`` (|w_custom - w_ste| over |w_ste - w_ste(0)|, with
     w_custom mapped into the STE's coordinates when ``mapped``: 0 when they train alike, about
@@ -113,7 +114,7 @@ def pair_run(
     (x, y), (xt, yt) = data if data is not None else load_digits()
     custom = ConvNet(bits=bits, derivative=derivative, rngs=nnx.Rngs(seed))
     plain = ConvNet(bits=bits, derivative=None, rngs=nnx.Rngs(seed))
-    weight_map, factor = ste.sgd_equivalence(derivative) if mapped else (None, 1.0)
+    weight_map, factor = surrogates.sgd_equivalence(derivative) if mapped else (None, 1.0)
     if mapped:
         for layer in plain.layers():
             w = layer.kernel.get_value()

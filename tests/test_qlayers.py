@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vqvae.qlayers import QuantizedConv, QuantizedLinear, uniform_quantizer
-from vqvae.ste import piecewise_linear
+from vqvae.study.qlayers import QuantizedConv, QuantizedLinear, uniform_quantizer
+from vqvae.study.surrogates import piecewise_linear
 
 
 def test_uniform_quantizer_clips_to_the_signed_range():

@@ -198,6 +198,10 @@ def test_the_import_graph_has_no_circles():
         or (within(m, run) and within(o, tools[1:]))
     ]
     assert not up, sorted(up)
+    # the research tools are off every path but their own
+    study = [(m, o) for m, outs in graph.items() for o in outs
+             if within(o, ("study",)) and not within(m, ("study",))]  # fmt: skip
+    assert not study, study
 
 
 def test_a_bug_keeps_its_traceback_and_a_bad_setting_is_one_line(tmp_path, monkeypatch, capsys):

@@ -3,17 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vqvae.ste import (
-    estimator,
-    piecewise_linear,
-    sgd_equivalence,
-    sigmoid_derivative,
-    soft_round,
-    ste_quantize,
-    ste_replace,
-    ste_round,
-    straight_through,
-)
+from vqvae.ste import estimator, ste_quantize, ste_replace, ste_round, straight_through
+from vqvae.study.surrogates import piecewise_linear, sgd_equivalence, sigmoid_derivative, soft_round
 
 X = jnp.array([-1.5, 0.0, 0.5, 2.0])
 
