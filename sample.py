@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vqvae.generate import add_sampling_flags, sampling_settings
 from vqvae.runtime import clean_errors, setup
 
 # grain's unread prefetched batches are freed at exit by the resource tracker, which warns
@@ -123,60 +124,30 @@ def export(workdir, mode, out, source, split, step, augment="none") -> None:
     )
 
 
-GENERATORS = ("prior", "maskgit")  # checkpoint kinds that --mode generate samples
-
-
-def load_generator(workdir, step):
-    """(kind, model, meta) of a prior's or a masked generator's checkpoint."""
-    from vqvae.checkpoint import CheckpointError, load_model
-
-    for kind in GENERATORS:
-        try:
-            return (kind, *load_model(workdir, step, kind=kind))
-        except CheckpointError as e:
-            if "holds a" not in str(e) or kind == GENERATORS[-1]:
-                raise
-
-
 def generate(workdir, out, num, label, seed, step, **settings) -> None:
     """Sample ``num`` grids from a prior or masked generator, decode them, write a grid.
     ``settings``: the sampler's (temperature, top_k, top_p, cfg_scale, cfg_schedule; the
     masked generator's also steps and choice_temperature)."""
     import time
 
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from vqvae import maskgit, prior
+    from vqvae.generate import Generator
     from vqvae.logs import image_grid
-    from vqvae.tokenizer import Tokenizer
 
-    kind, model, meta = load_generator(workdir, step)
-    if label >= model.num_classes:
-        raise ValueError(f"--label {label}: the {kind} knows {model.num_classes} classes")
-    if kind == "prior":
-        settings.pop("steps"), settings.pop("choice_temperature")
-        sampler = prior.sample
-    else:
-        maskgit.decode_schedule(model.seq_len, settings["steps"])  # a bad --steps: one line
-        sampler = maskgit.sample
-    tok = Tokenizer.load(meta["tokenizer"])
-    labels = jnp.full((num,), label, jnp.int32)
-    graphdef, state = nnx.split(model)
-    draw = jax.jit(lambda state, key: sampler(nnx.merge(graphdef, state), key, labels, **settings))
-    draw(state, jax.random.key(seed)).block_until_ready()  # compiled before the clock starts
+    gen = Generator(workdir, step, **settings)
+    labels = gen.labels(num, label) if label >= 0 else np.full(num, -1, np.int32)
+    gen.tokens(labels, seed)  # compiled before the clock starts
     t0 = time.perf_counter()
-    tokens = np.asarray(draw(state, jax.random.key(seed)))
+    tokens = gen.tokens(labels, seed)
     seconds = time.perf_counter() - t0
-    images = tok.decode(tokens.reshape(num, *tok.grid_shape(), *tok.token_levels))
+    images = gen.tokenizer.decode(tokens)
     per_row = min(8, num)
     rows = [images[i : i + per_row] for i in range(0, num - num % per_row, per_row)]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     image_grid(rows, Path(out))
     print(
-        f"wrote {out}: {len(rows) * per_row} samples of {tok.grid_shape()} tokens from the "
-        f"{kind}, {num / max(seconds, 1e-9):,.1f} samples/s (sampling, after compiling)"
+        f"wrote {out}: {len(rows) * per_row} samples of {gen.tokenizer.grid_shape()} tokens "
+        f"from the {gen.kind}, {num / max(seconds, 1e-9):,.1f} samples/s (sampling, after "
+        "compiling)"
     )
 
 
@@ -229,27 +200,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num", type=int, default=16, help="how many images (recon: 0 for all)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--temperature", type=float, default=1.0, help="generate: temperature")
-    p.add_argument("--top-k", type=int, default=0, help="generate: keep the k best (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="generate: nucleus (1: all)")
-    p.add_argument(
-        "--cfg-scale", type=float, default=1.0, help="generate: classifier-free guidance (1: none)"
-    )
-    p.add_argument(
-        "--cfg-schedule",
-        default="constant",
-        choices=["constant", "linear"],
-        help="generate: guidance constant, or rising linearly from 1 to --cfg-scale",
-    )
-    p.add_argument("--steps", type=int, default=8, help="generate, maskgit: decoding steps")
-    p.add_argument(
-        "--choice-temperature",
-        type=float,
-        default=4.5,
-        help="generate, maskgit: weight of the annealed noise on which tokens to keep",
-    )
-    p.add_argument("--label", type=int, default=-1, help="generate: class (-1: none)")
-    p.add_argument("--seed", type=int, default=0, help="generate: random seed")
+    add_sampling_flags(p, "generate")
     return p
 
 
@@ -258,10 +209,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.num < (0 if args.mode == "recon" else 1):
         p.error(f"--num must be at least {0 if args.mode == 'recon' else 1}, got {args.num}")
-    if args.temperature <= 0:
-        p.error("--temperature must be positive")
-    if not 0 < args.top_p <= 1 or args.cfg_scale < 0 or args.top_k < 0:
-        p.error("--top-p must be in (0, 1], --cfg-scale and --top-k at least 0")
+    try:
+        settings = sampling_settings(args)
+    except ValueError as e:
+        p.error(str(e))
     split = args.split or ("val" if args.mode == "recon" else "train")
     if args.mode == "tokens" and split == "all":
         p.error("--split all is for recon; tokens export train or val")
@@ -276,21 +227,7 @@ def main(argv=None) -> None:
         if args.mode in ("tokens", "codebook"):
             export(args.workdir, args.mode, out, args.source, split, args.step, args.augment)
         elif args.mode == "generate":
-            generate(
-                args.workdir,
-                out,
-                args.num,
-                args.label,
-                args.seed,
-                args.step,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                top_p=args.top_p,
-                cfg_scale=args.cfg_scale,
-                cfg_schedule=args.cfg_schedule,
-                steps=args.steps,
-                choice_temperature=args.choice_temperature,
-            )
+            generate(args.workdir, out, args.num, args.label, args.seed, args.step, **settings)
         else:
             r = reconstruct(args.workdir, out, args.source, args.num, args.step, split)
             print(

@@ -230,3 +230,64 @@ def test_code_usage_per_level_and_joint():
     assert r["joint"]["perplexity"] == pytest.approx(2 ** (1.5))  # p = 1/2, 1/4, 1/4
     assert [lv["used"] for lv in r["per_level"]] == [3, 2]
     assert r["per_level"][0]["usage"] == 0.75
+
+
+@pytest.fixture(scope="module")
+def small_prior(trained10, tmp_path_factory):
+    """A class-conditional prior over trained10's tokens, 4 steps, evaluated at the end."""
+    from vqvae.trainer import Trainer
+
+    from .test_maskgit import _maskgit_config
+
+    c = _maskgit_config(trained10, eval_every=4, steps=4, checkpoint_every=4)
+    c.task, c.model.num_classes = "prior", 4
+    workdir = tmp_path_factory.mktemp("prior")
+    Trainer(c, workdir).train()
+    return workdir
+
+
+def test_generation_fid_is_the_fid_of_the_samples_and_the_held_out_set(
+    small_prior, weights, tmp_path
+):
+    """--generator scores N guided samples (every class in turn) against the tokenizer's
+    held-out images: the record's FID is the Frechet distance of exactly those two sets'
+    features, beside the checkpoint's held-out bits per token; without Inception weights
+    the FID is skipped with its reason and the bits remain; a bad label is one line."""
+    from vqvae.data import local_examples
+    from vqvae.generate import Generator
+    from vqvae.metrics.fid import FeatureExtractor
+    from vqvae.metrics.frechet import frechet_distance_gram
+    from vqvae.sources import make_source
+
+    inception = weights[0]
+    out = tmp_path / "gen.json"
+    args = ["--generator", str(small_prior), "--num", "6", "--batch-size", "4", "--quiet"]
+    args += ["--cfg-scale", "2", "--seed", "3"]
+    ev.main([*args, "--inception", str(inception), "--fid-size", str(SIZE), "--frechet", "gram",
+             "--out", str(out)])  # fmt: skip
+    r = json.loads(out.read_text())
+    assert r["mode"] == "generate" and r["kind"] == "prior" and r["images"] == 6
+    assert r["labels"] == "every class in turn" and r["sampling"]["cfg_scale"] == 2.0
+    assert r["source"] == "sample_photos" and r["skipped"] == {}
+    assert 0 < r["metrics"]["held_out"]["bits_per_token"] < 8
+
+    gen = Generator(small_prior, cfg_scale=2.0)
+    labels = gen.labels(6)
+    assert labels.tolist() == [0, 1, 2, 3, 0, 1]
+    fakes = np.concatenate(list(gen.images(labels, 3, batch=4)))
+    source = make_source({"source": "sample_photos"}, image_size=16, train=False)
+    examples = local_examples(source, 4)
+    reals = np.concatenate([next(examples)["image"], next(examples)["image"][:2]])
+    examples.close()
+    extractor = FeatureExtractor.from_file(inception, protocol("pytorch-fid", size=SIZE))
+    want = frechet_distance_gram(extractor(reals), extractor(fakes))
+    assert r["metrics"]["fid"] == pytest.approx(want, rel=1e-6) and want > 0
+
+    record = ev.run(ev.parser().parse_args(args))  # no Inception: the NLL only
+    assert record["metrics"]["fid"] is None and "no --inception" in record["skipped"]["fid"]
+    assert (
+        record["metrics"]["held_out"]["bits_per_token"]
+        == r["metrics"]["held_out"]["bits_per_token"]
+    )
+    with pytest.raises(ev.EvaluateError, match="label 7: the prior knows 4 classes"):
+        ev.run(ev.parser().parse_args([*args, "--label", "7"]))

@@ -4,10 +4,14 @@
         [--protocol pytorch-fid|torch-fidelity] [--resize torch|tf1] [--no-round]
         [--inception FILE] [--lpips FILE] [--reference-stats FILE] [--out results.json]
     python -m vqvae.evaluate --pairs DIR_A DIR_B [same metric options]
+    python -m vqvae.evaluate --generator G --num N [--cfg-scale S ...] --inception FILE
 
 With ``--workdir`` every held-out image of the checkpoint's source (its own split by
 default, or ``--source``) is encoded and decoded; with ``--pairs`` the PNGs of DIR_A
-(originals) are scored against the files of the same relative names in DIR_B. PSNR and
+(originals) are scored against the files of the same relative names in DIR_B; with
+``--generator`` (a prior's or masked generator's workdir) N samples, every class in turn
+(or ``--label``), are scored by FID against its tokenizer's held-out set (or
+``--reference-stats``), beside the checkpoint's held-out bits per token. PSNR and
 SSIM always run (scikit-image's, on uint8); rFID needs ``--inception`` (the FID Inception
 weights, ``python -m vqvae.metrics.inception``), LPIPS ``--lpips`` (VGG16 or AlexNet).
 The record (``--out``, JSON) names the checkpoint, step, source, image count, protocol and
@@ -262,6 +266,17 @@ def evaluate(
 def table(record: dict) -> str:
     """The record's figures as a small text table."""
     m = record["metrics"]
+    if record.get("mode") == "generate":
+        fid = "skipped: " + record["skipped"]["fid"] if m["fid"] is None else f"{m['fid']:.4f}"
+        lines = [
+            f"{record['generator']}  step {record['step']}  {record['images']} samples "
+            f"({record['kind']}, labels: {record['labels']})  "
+            f"protocol {record['protocol']['name']}",
+            f"  {'FID':<32} {fid}",
+        ]
+        for k, v in (m["held_out"] or {}).items():
+            lines.append(f"  {'held-out ' + k:<32} {v}")
+        return "\n".join(lines)
     rows = [
         ("rFID", m["rfid"]),
         ("PSNR (dB)", m["psnr"]),
@@ -315,9 +330,11 @@ def run(args) -> dict:
         "reference_stats": args.reference_stats,
         "progress": not args.quiet,
     }
-    if args.pairs:
-        if args.workdir:
-            raise EvaluateError("give --workdir or --pairs, not both")
+    if sum(bool(x) for x in (args.pairs, args.workdir, args.generator)) > 1:
+        raise EvaluateError("give one of --workdir, --pairs and --generator")
+    if args.generator:
+        result, head = generation(args, proto)
+    elif args.pairs:
         batches = pair_batches(*args.pairs, args.batch_size, args.num)
         n = len(_pngs(Path(args.pairs[0])))
         result = evaluate(batches, proto, total=min(n, args.num or n), **common)
@@ -325,7 +342,9 @@ def run(args) -> dict:
         head |= {"checkpoint": None, "step": None, "source": None, "split": None}
     else:
         if not args.workdir:
-            raise EvaluateError("give --workdir W (a trained tokenizer) or --pairs DIR_A DIR_B")
+            raise EvaluateError(
+                "give --workdir W (a trained tokenizer), --pairs DIR_A DIR_B or --generator G"
+            )
         from vqvae.checkpoint import load_model
         from vqvae.sources import make_source
         from vqvae.tokenizer import Tokenizer, _resolve
@@ -377,6 +396,116 @@ def run(args) -> dict:
     return record
 
 
+def generation(args, proto) -> tuple[dict, dict]:
+    """(result, head) of ``--generator``: FID of ``args.num`` samples against the
+    tokenizer's held-out images (or ``--reference-stats``), and the checkpoint's own
+    held-out bits per token (the NLL, which needs no Inception)."""
+    from tqdm import tqdm
+
+    from vqvae.data import local_examples
+    from vqvae.generate import Generator, sampling_settings
+    from vqvae.sources import make_source
+
+    try:
+        gen = Generator(args.generator, args.step, **sampling_settings(args))
+        labels = gen.labels(max(args.num or 1, 1), args.label)  # a bad label: one line, first
+    except ValueError as e:
+        raise EvaluateError(str(e)) from None
+    tok = gen.tokenizer
+    data = dict(tok.meta.get("data", {}))
+    if args.source:
+        data["source"] = args.source
+    reals = None
+    if not args.reference_stats:
+        reals = make_source(data, image_size=tok.image_size, channels=tok.channels, train=False)
+    num = args.num or (len(reals) if reals is not None else 0)
+    if num < 1:
+        raise EvaluateError("give --num N: how many samples to score against the stats file")
+    labels = gen.labels(num, args.label)
+    step = args.step if args.step is not None else _latest_step(Path(args.generator))
+    evaluation = gen.meta.get("eval") or _eval_record(Path(args.generator), step) or {}
+    held_out = {k: v for k, v in evaluation.items() if "bits" in k or k == "examples"}
+    metrics = {"fid": None, "held_out": held_out or None}
+    skipped, fid, extractor, seen = {}, None, None, 0
+    if args.inception:
+        from vqvae.metrics.stats import read_stats
+
+        reference = read_stats(args.reference_stats) if args.reference_stats else None
+        extractor, _ = _weights_or_reason(
+            args.inception, "rfid", lambda p: FeatureExtractor.from_file(p, proto)
+        )
+        fid = FIDMetric(extractor, reference)
+    else:
+        skipped["fid"] = "no --inception weights file given (the held-out NLL needs none)"
+    start = time.perf_counter()
+    real_batches = local_examples(reals, args.batch_size) if reals is not None else None
+    bar = tqdm(total=num, unit="img", disable=args.quiet, file=sys.stderr)
+    try:
+        for fakes in gen.images(labels, args.seed, args.batch_size):
+            originals = None
+            if real_batches is not None:
+                originals = next(real_batches, {"image": fakes[:0]})["image"]
+                originals = originals[: max(num - seen, 0)]
+            if fid is not None:
+                if originals is not None and len(originals) and fid.reference is None:
+                    fid.add(originals, real=True)
+                fid.add(fakes, real=False)
+            seen += len(fakes)
+            bar.update(len(fakes))
+    finally:
+        bar.close()
+        if real_batches is not None:
+            real_batches.close()
+    seconds = time.perf_counter() - start
+    if fid is not None:
+        metrics["fid"] = fid.result()["rfid"]
+    result = {
+        "images": num,
+        "metrics": metrics,
+        "skipped": skipped,
+        "seconds": seconds,
+        "images_per_second": num / seconds if seconds > 0 else None,
+        "weights": {
+            "inception": str(Path(args.inception).resolve()) if args.inception else None,
+            "inception_sha256": sha256(args.inception) if args.inception else None,
+            "reference_stats": (
+                str(Path(args.reference_stats).resolve()) if args.reference_stats else None
+            ),  # fmt: skip
+        },
+    }
+    head = {
+        "mode": "generate",
+        "generator": str(Path(args.generator).resolve()),
+        "kind": gen.kind,
+        "step": step,
+        "tokenizer": str(tok.workdir) if tok.workdir else None,
+        "source": None if args.reference_stats else data.get("source"),
+        "split": None
+        if args.reference_stats
+        else "held-out (val_fraction {})".format(data.get("val_fraction")),  # fmt: skip
+        "labels": "every class in turn" if args.label < 0 and gen.num_classes else args.label,
+        "seed": args.seed,
+        "sampling": gen.settings,
+        "checkpoint": None,
+        "pairs": None,
+    }
+    return result, head
+
+
+def _eval_record(workdir: Path, step: int | None) -> dict | None:
+    """The held-out evaluation of ``step`` in the workdir's metrics.jsonl, if it has one."""
+    path = workdir / "metrics.jsonl"
+    found = None
+    for line in path.read_text().splitlines() if path.is_file() and step is not None else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and (record.get("split"), record.get("step")) == ("eval", step):
+            found = record
+    return found
+
+
 def _latest_step(workdir: Path) -> int | None:
     steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
     return max(steps) if steps else None
@@ -406,6 +535,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-stats", help="pytorch-fid or ADM .npz: FID against it instead")
     p.add_argument("--out", help="write the JSON record here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--generator", help="a prior's or masked generator's workdir: sample FID")
+    from vqvae.generate import add_sampling_flags
+
+    add_sampling_flags(p, "--generator")
     return p
 
 

@@ -141,13 +141,16 @@ class FIDMetric:
         self.kept: tuple[list, list] = ([], [])
 
     def update(self, originals, reconstructions) -> None:
-        for k, images in enumerate((originals, reconstructions)):
-            if k == 0 and self.reference is not None:
-                continue
-            f = self.extractor(images)
-            (self.real, self.fake)[k].update(f)
-            if self.gram:
-                self.kept[k].append(f)
+        if self.reference is None:
+            self.add(originals, real=True)
+        self.add(reconstructions, real=False)
+
+    def add(self, images, *, real: bool) -> None:
+        """One side's images alone (a generation FID's two sets come apart)."""
+        f = self.extractor(images)
+        (self.real if real else self.fake).update(f)
+        if self.gram:
+            self.kept[0 if real else 1].append(f)
 
     def result(self) -> dict:
         if self.gram:
