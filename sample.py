@@ -134,13 +134,13 @@ def generate(workdir, out, num, label, seed, step, **settings) -> None:
     from vqvae.logs import image_grid
 
     gen = Generator(workdir, step, **settings)
-    labels = gen.labels(num, label) if label >= 0 else np.full(num, -1, np.int32)
+    labels = gen.labels(num, label)
     gen.tokens(labels, seed)  # compiled before the clock starts
     t0 = time.perf_counter()
     tokens = gen.tokens(labels, seed)
     seconds = time.perf_counter() - t0
     images = gen.tokenizer.decode(tokens)
-    per_row = min(8, num)
+    per_row = num // gen.num_classes if label == "each" else min(8, num)
     rows = [images[i : i + per_row] for i in range(0, num - num % per_row, per_row)]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     image_grid(rows, Path(out))

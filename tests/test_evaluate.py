@@ -272,8 +272,12 @@ def test_generation_fid_is_the_fid_of_the_samples_and_the_held_out_set(
     assert 0 < r["metrics"]["held_out"]["bits_per_token"] < 8
 
     gen = Generator(small_prior, cfg_scale=2.0)
-    labels = gen.labels(6)
+    labels = gen.labels(6, "all")
     assert labels.tolist() == [0, 1, 2, 3, 0, 1]
+    assert gen.labels(8, "each").tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # a grid's rows
+    assert gen.labels(2).tolist() == [-1, -1] and gen.labels(2, 3).tolist() == [3, 3]
+    with pytest.raises(ValueError, match="divisible by its 4 classes"):
+        gen.labels(6, "each")
     fakes = np.concatenate(list(gen.images(labels, 3, batch=4)))
     source = make_source({"source": "sample_photos"}, image_size=16, train=False)
     examples = local_examples(source, 4)

@@ -483,7 +483,7 @@ def generation(args, proto) -> tuple[dict, dict]:
         "split": None
         if args.reference_stats
         else "held-out (val_fraction {})".format(data.get("val_fraction")),  # fmt: skip
-        "labels": "every class in turn" if args.label < 0 and gen.num_classes else args.label,
+        "labels": "every class in turn" if args.label == "all" and gen.num_classes else args.label,
         "seed": args.seed,
         "sampling": gen.settings,
         "checkpoint": None,
@@ -539,6 +539,7 @@ def parser() -> argparse.ArgumentParser:
     from vqvae.generate import add_sampling_flags
 
     add_sampling_flags(p, "--generator")
+    p.set_defaults(label="all")  # a generation FID over every class
     return p
 
 

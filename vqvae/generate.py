@@ -53,13 +53,24 @@ class Generator:
     def num_classes(self) -> int:
         return self.model.num_classes
 
-    def labels(self, num: int, label: int = -1) -> np.ndarray:
-        """``num`` labels: ``label`` for all, or (-1 for a class-conditional generator)
-        every class in turn, as a generation FID over all classes draws them."""
-        if label >= max(self.num_classes, 1) or label < -1:
-            raise ValueError(f"label {label}: the {self.kind} knows {self.num_classes} classes")
-        if label == -1 and self.num_classes > 0:
+    def labels(self, num: int, label: int | str = -1) -> np.ndarray:
+        """``num`` labels: ``label`` for all (-1: unconditional); "all": every class in
+        turn, as a generation FID over all classes draws them (unconditional for an
+        unconditional generator); "each": ``num / num_classes`` of each class, class by
+        class (a grid's rows)."""
+        if label == "each":
+            if not self.num_classes or num % self.num_classes:
+                raise ValueError(
+                    f"label 'each' needs a class-conditional generator and a number of "
+                    f"samples divisible by its {self.num_classes} classes, got {num}"
+                )
+            return np.repeat(np.arange(self.num_classes, dtype=np.int32), num // self.num_classes)
+        if label == "all":
+            if not self.num_classes:
+                return np.full(num, -1, np.int32)
             return np.arange(num, dtype=np.int32) % self.num_classes
+        if label >= self.num_classes or label < -1:
+            raise ValueError(f"label {label}: the {self.kind} knows {self.num_classes} classes")
         return np.full(num, label, np.int32)
 
     def tokens(self, labels: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -77,6 +88,16 @@ class Generator:
             padded = np.concatenate([part, np.full(batch - len(part), part[-1], np.int32)])
             key_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0] >> 1)
             yield self.tokenizer.decode(self.tokens(padded, key_seed))[: len(part)]
+
+
+def _label(text: str):
+    """--label: a class id (-1: none), "all" or "each"."""
+    if text in ("all", "each"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--label must be a class id, 'all' or 'each', got {text!r}") from None
 
 
 def add_sampling_flags(p, where: str) -> None:
@@ -100,7 +121,13 @@ def add_sampling_flags(p, where: str) -> None:
         default=4.5,
         help=f"{where}, maskgit: weight of the annealed noise on which tokens to keep",
     )
-    p.add_argument("--label", type=int, default=-1, help=f"{where}: class (-1: none)")
+    p.add_argument(
+        "--label",
+        type=_label,
+        default=-1,
+        help=f"{where}: class (-1: none, unconditional; 'all': every class in turn; 'each': "
+        "as many of each class, class by class)",
+    )
     p.add_argument("--seed", type=int, default=0, help=f"{where}: random seed")
 
 
