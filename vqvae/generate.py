@@ -90,7 +90,7 @@ class Generator:
             yield self.tokenizer.decode(self.tokens(padded, key_seed))[: len(part)]
 
 
-def _label(text: str):
+def class_label(text: str):
     """--label: a class id (-1: none), "all" or "each"."""
     if text in ("all", "each"):
         return text
@@ -123,7 +123,7 @@ def add_sampling_flags(p, where: str) -> None:
     )
     p.add_argument(
         "--label",
-        type=_label,
+        type=class_label,
         default=-1,
         help=f"{where}: class (-1: none, unconditional; 'all': every class in turn; 'each': "
         "as many of each class, class by class)",

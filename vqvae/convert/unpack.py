@@ -54,7 +54,8 @@ def unpack(directory, workdir) -> Path:
     run = dict(meta["config"])
     run["init_from"] = ""
     probe = ml_collections.ConfigDict(run)  # the state's shapes only: no LPIPS weights read
-    probe.loss.perceptual_weight = 0.0
+    if "loss" in probe:
+        probe.loss.perceptual_weight = 0.0
     abstract = Trainer(probe, workdir).abstract_state
     model_abs, train_abs = _split(abstract)
     flat = load_file(str(directory / "train.safetensors"))
