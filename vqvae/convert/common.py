@@ -51,6 +51,11 @@ def hwio_to_oihw(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.transpose(3, 2, 0, 1))
 
 
+def dotted(path: tuple) -> str:
+    """A variable's path in a model -> its name in the package's safetensors files."""
+    return ".".join(str(p) for p in path)
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from vqvae.convert.common import ConvertError, Entry, hwio_to_oihw, oihw_to_hwio
+from vqvae.convert.common import ConvertError, Entry, dotted, hwio_to_oihw, oihw_to_hwio
 
 PREFIX = "loss.discriminator.main."
 FILE = "discriminator.safetensors"
@@ -119,17 +119,13 @@ def to_state_dict(cfg: dict, arrays: dict[tuple, np.ndarray]) -> dict[str, np.nd
             for p, a in arrays.items()}  # fmt: skip
 
 
-def _name(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def save(directory: Path, cfg: dict, arrays: dict[tuple, np.ndarray]) -> Path:
     """``directory/discriminator.safetensors`` (written whole, then renamed into place)."""
     from safetensors.numpy import save_file
 
     to = Path(directory) / FILE
     tmp = to.with_name(to.name + ".tmp")
-    flat = {_name(p): np.ascontiguousarray(a) for p, a in arrays.items()}
+    flat = {dotted(p): np.ascontiguousarray(a) for p, a in arrays.items()}
     save_file(flat, str(tmp), metadata={"format": FORMAT, "config": json.dumps(cfg)})
     tmp.replace(to)
     return to
@@ -156,6 +152,6 @@ def place(model, arrays: dict[tuple, np.ndarray]) -> None:
     for p, v in nnx.to_flat_state(state):
         a = arrays.get(tuple(p))
         if a is None or tuple(a.shape) != tuple(v.get_value().shape):
-            raise ConvertError(f"discriminator variable {_name(p)} is missing or of another shape")
+            raise ConvertError(f"discriminator variable {dotted(p)} is missing or of another shape")
         flat.append((p, v.replace(np.asarray(a, np.float32))))
     nnx.update(model, nnx.from_flat_state(flat))

@@ -19,6 +19,7 @@ from vqvae.convert.common import (
     CONVERTER_VERSION,
     ConvertError,
     build_with,
+    dotted,
     model_params,
     other_shapes,
     other_variables,
@@ -27,10 +28,6 @@ from vqvae.model import VQVAE, VQVAEConfig
 
 FORMAT = "vqvae-safetensors"
 TORCH_CONTAINERS = {"taming": "state_dict", "llamagen": "model"}
-
-
-def _name(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
 
 
 def load_workdir(workdir: str | Path, step: int | None = None) -> tuple[VQVAE, dict]:
@@ -55,7 +52,7 @@ def export_safetensors(
     model, meta = loaded or load_workdir(workdir, step)
     config = VQVAEConfig.from_dict(meta["model"])
     variables = model_params(model) | other_variables(model)
-    params = {_name(p): np.ascontiguousarray(a) for p, a in variables.items()}
+    params = {dotted(p): np.ascontiguousarray(a) for p, a in variables.items()}
     q = config.quantizer
     codes = params.get("quantizer.codebook")
     info = {
@@ -136,17 +133,17 @@ def load_export(directory: str | Path) -> tuple[VQVAE, dict]:
 
     shapes, others = abstract_params(config), other_shapes(config)
     for path, shape in shapes.items():
-        name = _name(path)
+        name = dotted(path)
         if name not in tensors or tuple(tensors[name].shape) != shape:
             raise ConvertError(f"tensor {name} is missing or of another shape in {directory}")
     for path, shape in others.items():  # an EMA codebook: exports before it had none
-        name = _name(path)
+        name = dotted(path)
         if name in tensors and tuple(tensors[name].shape) != shape:
             raise ConvertError(f"tensor {name} is of another shape in {directory}")
     model = build_with(
         config,
-        {p: tensors[_name(p)] for p in shapes},
-        {p: tensors[_name(p)] for p in others if _name(p) in tensors},
+        {p: tensors[dotted(p)] for p in shapes},
+        {p: tensors[dotted(p)] for p in others if dotted(p) in tensors},
     )
     return model, info
 
