@@ -3,15 +3,13 @@ what ``sample.py --mode generate`` draws and ``python -m vqvae.evaluate --genera
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 GENERATORS = ("prior", "maskgit")  # checkpoint kinds that generate
 MASKGIT_ONLY = ("steps", "choice_temperature")
 
 
-def load_generator(workdir, step: int | None = None) -> tuple[str, nnx.Module, dict]:
+def load_generator(workdir, step: int | None = None) -> tuple[str, object, dict]:
     """(kind, model, meta) of a prior's or a masked generator's checkpoint."""
     from vqvae.checkpoint import CheckpointError, load_model
 
@@ -30,6 +28,8 @@ class Generator:
     also steps and choice_temperature; the other kind's are ignored)."""
 
     def __init__(self, workdir, step: int | None = None, **settings):
+        from flax import nnx  # here, not at import: sample.py's flags need no Flax
+
         from vqvae import maskgit, prior
         from vqvae.tokenizer import Tokenizer
 
@@ -76,7 +76,7 @@ class Generator:
     def tokens(self, labels: np.ndarray, seed: int = 0) -> np.ndarray:
         """Token grids for ``labels`` (B,): int32 (B, h, w[, levels]); a seed draws the
         same grids every time."""
-        flat = np.asarray(self._draw(self._state, jax.random.key(seed), jnp.asarray(labels)))
+        flat = np.asarray(self._draw(self._state, jax.random.key(seed), jax.numpy.asarray(labels)))
         tok = self.tokenizer
         return flat.reshape(len(labels), *tok.grid_shape(), *tok.token_levels)
 
