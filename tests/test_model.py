@@ -7,7 +7,9 @@ import pytest
 from flax import nnx
 
 from configs import tiny
+from vqvae.flops import count_flops
 from vqvae.model import PRESETS, VQVAEConfig, vqvae_loss
+from vqvae.nets.upconv import UpConv, canonical_form
 
 TINY = VQVAEConfig.from_dict(tiny.get_config().model)  # the tests' tiny model
 
@@ -129,3 +131,46 @@ def test_core_runs_without_tensorflow():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(1, 2, 2)"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_upconv_equals_flax_conv_transpose_by_both_paths(dtype):
+    """The decoder's up-sampling layer: the sub-pixel form (used on a CPU) and lax's own
+    both give nnx.ConvTranspose's output and gradients, from the same variables."""
+    ref = nnx.ConvTranspose(6, 5, (4, 4), strides=2, dtype=dtype, rngs=nnx.Rngs(0))
+    ref.bias[...] = jax.random.normal(jax.random.key(1), (5,))
+    x = jax.random.normal(jax.random.key(2), (2, 3, 4, 6))  # H != W
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for subpixel in (True, False):
+        up = UpConv(6, 5, dtype=dtype, subpixel=subpixel, rngs=nnx.Rngs(9))
+        assert jax.tree.map(jnp.shape, nnx.state(up)) == jax.tree.map(jnp.shape, nnx.state(ref))
+        nnx.update(up, nnx.state(ref))
+        y = up(x)
+        assert y.shape == (2, 6, 8, 5) and y.dtype == dtype
+        np.testing.assert_allclose(np.float32(y), np.float32(ref(x)), atol=tol, rtol=tol)
+
+        def loss(m, x):
+            return jnp.sum(jnp.sin(m(x).astype(jnp.float32)))
+
+        got, want = nnx.grad(loss, argnums=(0, 1))(up, x), nnx.grad(loss, argnums=(0, 1))(ref, x)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(np.float32(g), np.float32(w), atol=10 * tol, rtol=tol)
+
+
+def test_upconv_picks_sub_pixel_on_cpu_and_flops_count_the_canonical_form():
+    """On this CPU an UpConv left to choose runs the sub-pixel form (no dilated input); a
+    FLOP count traces the canonical transposed convolution, the same on every device."""
+    up = UpConv(8, 4, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jax.ShapeDtypeStruct((1, 5, 5, 8), jnp.float32)
+    dilations = [
+        e.params["lhs_dilation"]
+        for e in jax.make_jaxpr(lambda x: up(x))(x).jaxpr.eqns  # fresh functions: jax caches
+        if e.primitive.name == "conv_general_dilated"
+    ]
+    assert dilations == [(1, 1)]  # one stride-1 convolution
+    with canonical_form():
+        eqns = jax.make_jaxpr(lambda x: up(x))(x).jaxpr.eqns
+        (eqn,) = [e for e in eqns if "conv" in e.primitive.name]
+    assert eqn.params["lhs_dilation"] == (2, 2)
+    # each of the 10 x 10 x 4 outputs meets 2 x 2 taps of 8 channels
+    assert count_flops(lambda x: up(x), x) == 2 * 10 * 10 * 4 * 2 * 2 * 8

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import jax
 from jax.extend import core
 
+from vqvae.nets.upconv import canonical_form
+
 
 def _conv_flops(eqn) -> int:
     out = eqn.outvars[0].aval.shape
@@ -72,5 +74,8 @@ def _while_flops(eqn) -> int:
 
 
 def count_flops(fn: Callable, *args) -> int:
-    """FLOPs of one call ``fn(*args)`` (args may be ShapeDtypeStructs)."""
-    return jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+    """FLOPs of one call ``fn(*args)`` (args may be ShapeDtypeStructs). Layers with a
+    backend's own faster form (the decoder's sub-pixel up-sampling on a CPU) are counted in
+    their canonical one, so the count is the same on every device."""
+    with canonical_form():
+        return jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)

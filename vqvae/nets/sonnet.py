@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vqvae.nets.upconv import UpConv
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
@@ -142,7 +144,7 @@ class Decoder(nnx.Module):
         for i in reversed(range(len(levels))):
             out = levels[i] if stem else (levels[i - 1] if i > 0 else out_channels)
             self.blocks.append(_stack(res_blocks, ch, res_hidden, self.act, group_norm, **kw))
-            self.up.append(nnx.ConvTranspose(ch, out, (4, 4), strides=2, **kw))
+            self.up.append(UpConv(ch, out, **kw))
             ch = out
         self.norm_out = Norm(ch, group_norm and stem, dtype, rngs=rngs)
         self.stem = nnx.Conv(ch, out_channels, (3, 3), **kw) if stem else None
