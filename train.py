@@ -15,6 +15,8 @@ import os
 import signal
 import sys
 
+from vqvae.errors import InvalidValueError
+
 
 def _stopped_early(signum, _frame):
     """SIGINT or SIGTERM before the run has started (the imports take a second or two):
@@ -155,7 +157,7 @@ def main(argv):
             config.get("steps")  # a config file that failed to load raises on first use
         except OSError as e:
             why = str(e).strip().splitlines()[-1].strip()
-            raise ValueError(f"cannot load the config file: {why}") from None
+            raise InvalidValueError(f"cannot load the config file: {why}") from None
         from vqvae import distributed
 
         flags_given = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

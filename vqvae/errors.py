@@ -9,5 +9,10 @@ class UserError(Exception):
     """A problem with what the user gave or the machine it runs on, said in one line."""
 
 
-class ConfigError(UserError, ValueError):
+class InvalidValueError(UserError, ValueError):
+    """A value the package cannot use: an argument, a file's contents or data of the wrong
+    shape or range. Still a ``ValueError``, for callers that catch those."""
+
+
+class ConfigError(InvalidValueError):
     """A setting that is not valid, or settings that do not go together."""

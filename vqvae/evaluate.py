@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from vqvae.errors import InvalidValueError
 from vqvae.metrics.accumulator import ReconstructionMetrics
 from vqvae.metrics.fid import PROTOCOLS, FeatureExtractor, FIDMetric, protocol, sha256
 from vqvae.metrics.inception import FEATURE_DIM
@@ -196,12 +197,14 @@ def evaluate(
         # ADM reference batches both hold the pool mu, sigma)
         reference = read_stats(reference_stats) if reference_stats else None
         if reference is not None and reference.mu.shape != (FEATURE_DIM,):
-            raise ValueError(
+            raise InvalidValueError(
                 f"{reference_stats} holds {reference.mu.shape[0]}-d statistics; the FID "
                 f"Inception's pool features are {FEATURE_DIM}-d"
             )
         if reference is not None and proto.frechet == "gram":
-            raise ValueError("frechet 'gram' needs both feature sets, not a reference stats file")
+            raise InvalidValueError(
+                "frechet 'gram' needs both feature sets, not a reference stats file"
+            )
     except (FileNotFoundError, KeyError, ValueError) as e:
         raise EvaluateError(f"--reference-stats: {e}") from None
     extractor, why = _weights_or_reason(

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from vqvae import data as data_lib
+from vqvae.errors import InvalidValueError
 from vqvae.tokenizer import Tokenizer
 
 FORMAT = "vqvae-tokens-1"
@@ -45,7 +46,7 @@ CROP_RANGE = 1.1  # ten-crop reads images this much larger, as LlamaGen's extrac
 
 def check_augment(augment: str) -> None:
     if augment not in AUGMENTS:
-        raise ValueError(f"augment must be one of {sorted(AUGMENTS)}, got {augment!r}")
+        raise InvalidValueError(f"augment must be one of {sorted(AUGMENTS)}, got {augment!r}")
 
 
 def source_size(image_size: int, augment: str) -> int:
@@ -177,7 +178,7 @@ def export_tokens(
     """
     log = log or (lambda line: print(line, file=sys.stderr))
     if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        raise InvalidValueError(f"split must be 'train' or 'val', got {split!r}")
     check_augment(augment)  # a bad name fails before any work
     data = {"source": data} if isinstance(data, str) else dict(data)
     source_spec = data["source"]
@@ -221,7 +222,7 @@ def export_tokens(
         if pending:
             flush()
         if not shards:
-            raise ValueError(f"source {source_spec} gave no images to export")
+            raise InvalidValueError(f"source {source_spec} gave no images to export")
         manifest = {
             "format": FORMAT,
             "vocab_size": tokenizer.vocab_size,

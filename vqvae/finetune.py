@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 
 from vqvae.convert.common import ConvertError, model_params, read_tensors, sha256
+from vqvae.errors import InvalidValueError
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def prepare(config: ml_collections.ConfigDict) -> Source | None:
 
 def frozen_prefixes(what: str) -> tuple[str, ...]:
     if what not in FREEZE:
-        raise ValueError(f"freeze must be one of {sorted(FREEZE)}, got {what!r}")
+        raise InvalidValueError(f"freeze must be one of {sorted(FREEZE)}, got {what!r}")
     return FREEZE[what]
 
 
@@ -132,7 +133,7 @@ def freeze_optimizer(tx: optax.GradientTransformation, what: str, model_config):
     if not prefixes:
         return tx
     if "quantizer" in prefixes and model_config.quantizer.learning != "gradient":
-        raise ValueError(
+        raise InvalidValueError(
             "freeze=encoder_codebook needs a gradient-learned codebook (quantizer.learning="
             "'gradient'): an EMA codebook is updated outside the optimizer"
         )

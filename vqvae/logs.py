@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vqvae.errors import InvalidValueError
+
 
 def psnr(mse: float) -> float:
     """Peak signal-to-noise ratio in dB of an MSE over pixels in [0, 1]."""
@@ -32,7 +34,7 @@ def grid_array(rows: list[np.ndarray], tile_px: int = GRID_TILE_PX, border: int 
     """
     rows = [np.asarray(r) for r in rows if len(r)]
     if not rows:
-        raise ValueError("image_grid: no images")
+        raise InvalidValueError("image_grid: no images")
     h, w, c = rows[0].shape[1:]
     scale = max(1, -(-tile_px // max(h, w)))  # ceil: 32 px -> 3x, 16 px -> 6x
     th, tw = h * scale, w * scale

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vqvae.errors import InvalidValueError
+
 # VGG16's 13 convolutions (torchvision ``features`` indices) and LPIPS's taps on them
 VGG16_FEATURES = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
 VGG16_POOL_AFTER = [1, 3, 6, 9]  # the max-pools after conv1_2, conv2_2, conv3_3, conv4_3
@@ -96,16 +98,18 @@ def load_weights(path: str | Path) -> dict[str, np.ndarray]:
         weights = {k: z[k] for k in z.files}
     for key in ("pool_after", "tap_after", "conv0_kernel"):
         if key not in weights:
-            raise ValueError(f"{path} is not an LPIPS weights file (no {key})")
+            raise InvalidValueError(f"{path} is not an LPIPS weights file (no {key})")
     n = len([k for k in weights if k.endswith("_kernel")])
     for k in range(n):
         kernel, bias = weights.get(f"conv{k}_kernel"), weights.get(f"conv{k}_bias")
         if kernel is None or bias is None or kernel.ndim != 4 or bias.shape != kernel.shape[-1:]:
-            raise ValueError(f"{path}: convolution {k} is missing or not (H, W, I, O) + (O,)")
+            raise InvalidValueError(
+                f"{path}: convolution {k} is missing or not (H, W, I, O) + (O,)"
+            )
     for t, k in enumerate(weights["tap_after"]):
         lin = weights.get(f"lin{t}")
         if lin is None or lin.shape != weights[f"conv{int(k)}_kernel"].shape[-1:]:
-            raise ValueError(f"{path}: lin{t} is missing or does not match convolution {k}")
+            raise InvalidValueError(f"{path}: lin{t} is missing or does not match convolution {k}")
     return weights
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from vqvae.errors import InvalidValueError
 from vqvae.prior import Block, GridModelConfig, cfg_scale_at, guide, pick
 
 
@@ -58,7 +59,7 @@ class MaskGIT(nnx.Module):
         bad = labels[(labels < -1) | (labels >= max(self.num_classes, 0))]
         bad = bad[bad != -1]
         if bad.size:
-            raise ValueError(
+            raise InvalidValueError(
                 f"class label {int(bad[0])} is out of range: this generator knows "
                 f"{self.num_classes} classes (-1: unconditional)"
             )
@@ -122,7 +123,9 @@ def decode_schedule(length: int, steps: int) -> np.ndarray:
     ``floor(L * cos(pi/2 * t/T))`` kept strictly falling (each step unmasks at least one)
     and 0 after the last."""
     if not 1 <= steps <= length:
-        raise ValueError(f"decoding steps must be in [1, {length}] (the tokens), got {steps}")
+        raise InvalidValueError(
+            f"decoding steps must be in [1, {length}] (the tokens), got {steps}"
+        )
     left, out = length, []
     for t in range(1, steps + 1):
         n = 0 if t == steps else math.floor(length * math.cos(0.5 * math.pi * t / steps))

@@ -23,6 +23,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from vqvae.errors import InvalidValueError
+
 
 @dataclasses.dataclass(frozen=True)
 class GridModelConfig:
@@ -43,9 +45,9 @@ class GridModelConfig:
     def __post_init__(self):
         object.__setattr__(self, "grid", tuple(self.grid))
         if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+            raise InvalidValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.vocab_size < 2 or min(self.grid) < 1:
-            raise ValueError(f"the {self.what} needs vocab_size >= 2 and a non-empty grid")
+            raise InvalidValueError(f"the {self.what} needs vocab_size >= 2 and a non-empty grid")
 
     @property
     def seq_len(self) -> int:
@@ -65,7 +67,7 @@ class GridModelConfig:
     def from_dict(cls, d: dict[str, Any]):
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown {cls.what} config keys: {sorted(unknown)}")
+            raise InvalidValueError(f"unknown {cls.what} config keys: {sorted(unknown)}")
         return cls(**d)
 
 
@@ -167,7 +169,7 @@ class Prior(nnx.Module):
         labels = np.asarray(labels)
         bad = labels[(labels < -1) | (labels >= self.num_classes)]
         if bad.size:
-            raise ValueError(
+            raise InvalidValueError(
                 f"class label {int(bad[0])} is out of range: this prior knows "
                 f"{self.num_classes} classes (0..{self.num_classes - 1}; -1: unconditional)"
             )
@@ -230,7 +232,7 @@ def cfg_scale_at(scale: float, schedule: str, frac: jax.Array) -> jax.Array:
         return jnp.float32(scale)
     if schedule == "linear":
         return 1.0 + (scale - 1.0) * frac
-    raise ValueError(f"cfg schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
+    raise InvalidValueError(f"cfg schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
 
 
 def guide(logits: jax.Array, scale: jax.Array) -> jax.Array:
@@ -326,15 +328,17 @@ def check_sampling(
 ) -> None:
     """One-line errors for sampling settings out of range."""
     if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+        raise InvalidValueError(f"temperature must be positive, got {temperature}")
     if top_k < 0:
-        raise ValueError(f"top_k must be 0 (all) or positive, got {top_k}")
+        raise InvalidValueError(f"top_k must be 0 (all) or positive, got {top_k}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise InvalidValueError(f"top_p must be in (0, 1], got {top_p}")
     if cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be at least 0, got {cfg_scale}")
+        raise InvalidValueError(f"cfg_scale must be at least 0, got {cfg_scale}")
     if cfg_schedule not in CFG_SCHEDULES:
-        raise ValueError(f"cfg schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+        raise InvalidValueError(
+            f"cfg schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}"
+        )
 
 
 class TokenPrior:
@@ -403,7 +407,7 @@ class TokenPrior:
         (temperature, top_k, top_p, cfg_scale, cfg_schedule). The same seed gives the
         same grids."""
         if num < 1:
-            raise ValueError(f"num must be at least 1, got {num}")
+            raise InvalidValueError(f"num must be at least 1, got {num}")
         check_sampling(**kw)
         key = jax.random.key(seed)
         tokens = self._draw(self._state, key, self._labels(num, label), **kw)
@@ -417,11 +421,11 @@ class TokenPrior:
         """Each grid's cross-entropy under the prior, in bits per token: (B,) float32."""
         tokens = np.asarray(tokens)
         if tokens.shape[1:] != self.config.token_shape:
-            raise ValueError(
+            raise InvalidValueError(
                 f"token grids must be (B, {', '.join(map(str, self.config.token_shape))}), "
                 f"got shape {tokens.shape}"
             )
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+            raise InvalidValueError(f"token ids must be in [0, {self.config.vocab_size})")
         flat = jnp.asarray(tokens.reshape(len(tokens), -1), jnp.int32)
         return np.asarray(self._bits(self._state, flat, self._labels(len(tokens), label)))

@@ -63,11 +63,11 @@ def _unknown_key(e: Exception) -> str:
 @contextlib.contextmanager
 def clean_errors(prog: str):
     """Known bad input ends the program with one line on stderr, not a traceback: the
-    package's ``UserError`` and a ``ValueError`` (a library's word on a bad value). Any
-    other exception is a bug and keeps its traceback."""
+    package's ``UserError`` (every value it refuses is one). Any other exception, a bare
+    ``ValueError`` or ``TypeError`` included, is a bug and keeps its traceback."""
     try:
         yield
-    except (UserError, ValueError) as e:
+    except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # e.g. a config file that does not exist: its last line says which

@@ -12,6 +12,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vqvae.errors import InvalidValueError
+
 DATA = "data"
 
 
@@ -19,7 +21,7 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     """A 1-D mesh over the first ``num_devices`` devices (all by default)."""
     available = jax.device_count()
     if num_devices and num_devices > available:
-        raise ValueError(
+        raise InvalidValueError(
             f"num_devices={num_devices}, but only {available} device(s) are visible "
             f"({jax.devices()[0].platform}); use at most {available}, or 0 for all"
         )
@@ -39,7 +41,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch_size(batch_size: int, mesh: Mesh, name: str = "batch_size") -> None:
     n = mesh.shape[DATA]
     if batch_size % n:
-        raise ValueError(
+        raise InvalidValueError(
             f"{name} {batch_size} is not divisible by the {n} devices of the mesh; "
             f"use a multiple of {n}"
         )

@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from vqvae.errors import UserError
+from vqvae.errors import InvalidValueError, UserError
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
@@ -461,5 +461,5 @@ SOURCES: dict[str, Callable | str] = {
 def register_source(prefix: str, factory: Callable | str) -> None:
     """Make ``data.source = "PREFIX[:REST]"`` build its source with ``factory``."""
     if not prefix or ":" in prefix:
-        raise ValueError(f"a source prefix is a name without ':', got {prefix!r}")
+        raise InvalidValueError(f"a source prefix is a name without ':', got {prefix!r}")
     SOURCES[prefix] = factory

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from vqvae.checkpoint import CheckpointError, load_model
+from vqvae.errors import InvalidValueError
 from vqvae.model import VQVAE, VQVAEConfig, to_model_range, to_uint8
 
 BUCKETS = (1, 8, 64, 256)
@@ -127,29 +128,29 @@ class Tokenizer:
     def _check_size(self, h: int, w: int) -> None:
         f = self.downsample_factor
         if h % f or w % f:
-            raise ValueError(
+            raise InvalidValueError(
                 f"image size {h}x{w} is not divisible by the tokenizer's downsampling factor {f}"
             )
 
     def _check_images(self, images) -> np.ndarray:
         images = np.asarray(images)
         if images.ndim != 4:
-            raise ValueError(f"images must be (B, H, W, C), got shape {images.shape}")
+            raise InvalidValueError(f"images must be (B, H, W, C), got shape {images.shape}")
         if images.shape[-1] != self.channels:
-            raise ValueError(
+            raise InvalidValueError(
                 f"images have {images.shape[-1]} channels; the tokenizer takes {self.channels}"
             )
         self._check_size(*images.shape[1:3])
         if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
-            raise ValueError(
+            raise InvalidValueError(
                 f"images must be uint8 (0..255) or float in [-0.5, 0.5], got {images.dtype}"
             )
         if images.dtype != np.uint8 and images.size:
             if not np.isfinite(images).all():
-                raise ValueError("images contain NaN or infinite values")
+                raise InvalidValueError("images contain NaN or infinite values")
             lo, hi = float(images.min()), float(images.max())
             if lo < -FLOAT_LIMIT or hi > FLOAT_LIMIT:
-                raise ValueError(
+                raise InvalidValueError(
                     f"float images must be in the training range [-0.5, 0.5], got values in "
                     f"[{lo:g}, {hi:g}]; pass uint8 for 0..255 pixels"
                 )
@@ -171,17 +172,17 @@ class Tokenizer:
         levels = self.num_levels > 1
         if tokens.ndim != 3 + levels:
             want = "(B, h, w, levels)" if levels else "(B, h, w)"
-            raise ValueError(f"tokens must be {want}, got shape {tokens.shape}")
+            raise InvalidValueError(f"tokens must be {want}, got shape {tokens.shape}")
         if levels and not 1 <= tokens.shape[-1] <= self.num_levels:
-            raise ValueError(
+            raise InvalidValueError(
                 f"tokens have {tokens.shape[-1]} levels; this tokenizer has 1..{self.num_levels}"
             )
         if 0 in tokens.shape[1:]:
-            raise ValueError(f"token grids must not be empty, got shape {tokens.shape}")
+            raise InvalidValueError(f"token grids must not be empty, got shape {tokens.shape}")
         if not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+            raise InvalidValueError(f"tokens must be integers, got dtype {tokens.dtype}")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
-            raise ValueError(
+            raise InvalidValueError(
                 f"token ids must be in [0, {self.vocab_size}), got {tokens.min()}..{tokens.max()}"
             )
         return self._batched(self._decode, tokens.astype(np.int32))
@@ -192,7 +193,7 @@ class Tokenizer:
 
     def _batched(self, fn, x: np.ndarray) -> np.ndarray:
         if len(x) == 0:
-            raise ValueError("got an empty batch")
+            raise InvalidValueError("got an empty batch")
         parts = []
         for start, size in _buckets(len(x)):
             chunk = x[start : start + size]

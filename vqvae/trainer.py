@@ -23,7 +23,7 @@ import numpy as np
 from vqvae import data as data_lib
 from vqvae.checkpoint import CheckpointError, Checkpoints, DamagedCheckpoint, disk_full
 from vqvae.distributed import STEP_TIMEOUT_S, Watchdog, abandon, peer_lost
-from vqvae.errors import UserError
+from vqvae.errors import InvalidValueError, UserError
 from vqvae.lock import WorkdirLock
 from vqvae.logs import MetricsLog, Progress, image_grid
 from vqvae.sharding import (
@@ -55,7 +55,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     def need(key: str, low: int, why: str) -> None:
         value = config.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{key} must be an integer >= {low} ({why}), got {value!r}")
+            raise InvalidValueError(f"{key} must be an integer >= {low} ({why}), got {value!r}")
 
     need("steps", 1, "the number of training steps")
     need("batch_size", 1, "images per step")
@@ -182,7 +182,7 @@ class Trainer:
         for step in self.ckpt.steps():
             try:
                 if not self._same_model(self.ckpt.meta(step)["model"]):
-                    raise ValueError(
+                    raise InvalidValueError(
                         f"{self.workdir} holds checkpoint {step} of a different model; use a "
                         "new --workdir (or the config it was trained with)"
                     )

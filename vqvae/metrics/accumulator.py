@@ -16,6 +16,7 @@ from typing import Protocol
 import jax
 import numpy as np
 
+from vqvae.errors import InvalidValueError
 from vqvae.metrics.psnr_ssim import psnr, ssim
 
 
@@ -37,7 +38,7 @@ def _as_uint8(x, name: str):
     if not isinstance(x, jax.Array):
         x = np.asarray(x)
     if x.dtype != np.uint8:
-        raise ValueError(
+        raise InvalidValueError(
             f"ReconstructionMetrics: {name} must be uint8 images (round reconstructions to "
             f"0..255 first); got {x.dtype}"
         )
@@ -86,7 +87,7 @@ class ReconstructionMetrics:
     def result(self) -> dict:
         """Means over every image so far, the image count, and the ``extra`` metrics' figures."""
         if self.count == 0:
-            raise ValueError("ReconstructionMetrics: no images scored yet")
+            raise InvalidValueError("ReconstructionMetrics: no images scored yet")
         out = {
             "psnr": self.psnr_sum / self.count,
             "ssim": self.ssim_sum / self.count,
@@ -97,6 +98,8 @@ class ReconstructionMetrics:
             figures = m.result()
             clash = sorted(set(figures) & set(out))
             if clash:
-                raise ValueError(f"ReconstructionMetrics: an extra metric reports {clash} again")
+                raise InvalidValueError(
+                    f"ReconstructionMetrics: an extra metric reports {clash} again"
+                )
             out.update(figures)
         return out

@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vqvae.errors import InvalidValueError
 from vqvae.metrics.frechet import frechet_distance, frechet_distance_gram
 from vqvae.metrics.inception import (
     FEATURE_DIM,
@@ -65,13 +66,15 @@ PROTOCOLS = {
 def protocol(name: str, **overrides) -> Protocol:
     """A preset by name, with any of its settings changed (the record names both)."""
     if name not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {name!r}: use one of {sorted(PROTOCOLS)}")
+        raise InvalidValueError(f"unknown protocol {name!r}: use one of {sorted(PROTOCOLS)}")
     p = PROTOCOLS[name]
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if overrides.get("resize", p.resize) not in ("torch", "tf1"):
-        raise ValueError(f"resize is 'torch' or 'tf1'; got {overrides['resize']!r}")
+        raise InvalidValueError(f"resize is 'torch' or 'tf1'; got {overrides['resize']!r}")
     if overrides.get("frechet", p.frechet) not in ("sqrtm", "eigh", "gram"):
-        raise ValueError(f"frechet is 'sqrtm', 'eigh' or 'gram'; got {overrides['frechet']!r}")
+        raise InvalidValueError(
+            f"frechet is 'sqrtm', 'eigh' or 'gram'; got {overrides['frechet']!r}"
+        )
     changed = {k: v for k, v in overrides.items() if getattr(p, k) != v}
     if changed:
         tag = ",".join(f"{k}={v}" for k, v in sorted(changed.items()))
@@ -109,7 +112,7 @@ class FeatureExtractor:
     def __call__(self, images) -> np.ndarray:
         x = np.asarray(images)
         if x.ndim != 4 or x.shape[-1] not in (1, 3):
-            raise ValueError(f"FID features: expected images (B, H, W, 3); got {x.shape}")
+            raise InvalidValueError(f"FID features: expected images (B, H, W, 3); got {x.shape}")
         if x.shape[-1] == 1:  # grey images as RGB, as pytorch-fid's PIL convert("RGB")
             x = np.repeat(x, 3, axis=-1)
         x = x.astype(np.float32)  # exact for uint8; one program for both input kinds
@@ -135,7 +138,9 @@ class FIDMetric:
         self.reference = reference
         self.gram = extractor.protocol.frechet == "gram"
         if self.gram and reference is not None:
-            raise ValueError("frechet 'gram' needs both feature sets, not a reference stats file")
+            raise InvalidValueError(
+                "frechet 'gram' needs both feature sets, not a reference stats file"
+            )
         self.real = FeatureStats(FEATURE_DIM)
         self.fake = FeatureStats(FEATURE_DIM)
         self.kept: tuple[list, list] = ([], [])

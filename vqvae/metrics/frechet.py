@@ -22,6 +22,8 @@ import warnings
 import numpy as np
 from scipy import linalg
 
+from vqvae.errors import InvalidValueError
+
 
 def frechet_distance(
     mu1: np.ndarray,
@@ -33,22 +35,24 @@ def frechet_distance(
 ) -> float:
     """The Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), as pytorch-fid."""
     if method not in ("sqrtm", "eigh"):
-        raise ValueError(f"frechet_distance: method is 'sqrtm' or 'eigh'; got {method!r}")
+        raise InvalidValueError(f"frechet_distance: method is 'sqrtm' or 'eigh'; got {method!r}")
     mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
     mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
     sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or mu1.ndim != 1:
-        raise ValueError(f"frechet_distance: means differ in shape: {mu1.shape} and {mu2.shape}")
+        raise InvalidValueError(
+            f"frechet_distance: means differ in shape: {mu1.shape} and {mu2.shape}"
+        )
     d = mu1.shape[0]
     for name, s in (("sigma1", sigma1), ("sigma2", sigma2)):
         if s.shape != (d, d):
-            raise ValueError(
+            raise InvalidValueError(
                 f"frechet_distance: {name} has shape {s.shape}; the means need ({d}, {d})"
             )
     for name, x in (("mu1", mu1), ("mu2", mu2), ("sigma1", sigma1), ("sigma2", sigma2)):
         if not np.isfinite(x).all():
-            raise ValueError(f"frechet_distance: {name} has non-finite entries")
+            raise InvalidValueError(f"frechet_distance: {name} has non-finite entries")
     diff = mu1 - mu2
     if method == "eigh":
         return float(
@@ -65,7 +69,7 @@ def frechet_distance(
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             m = np.max(np.abs(covmean.imag))
-            raise ValueError(f"frechet_distance: the matrix root has imaginary part {m}")
+            raise InvalidValueError(f"frechet_distance: the matrix root has imaginary part {m}")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
@@ -96,7 +100,7 @@ def frechet_distance_gram(features1: np.ndarray, features2: np.ndarray) -> float
     a = np.asarray(features1, np.float64)
     b = np.asarray(features2, np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ValueError(
+        raise InvalidValueError(
             f"frechet_distance_gram: expected two (N >= 2, D) feature sets; got {a.shape}, "
             f"{b.shape}"
         )

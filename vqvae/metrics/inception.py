@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vqvae.errors import InvalidValueError
+
 BN_EPS = 1e-3
 FEATURE_DIM = 2048
 FORMAT = "vqvae-fid-inception-1"
@@ -218,7 +220,9 @@ class FIDInception(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (B, H, W, 3) float32 in [-1, 1], H and W >= 75 -> pool features (B, 2048)."""
         if min(x.shape[1:3]) < MIN_SIZE:
-            raise ValueError(f"FIDInception: inputs must be at least {MIN_SIZE} px; got {x.shape}")
+            raise InvalidValueError(
+                f"FIDInception: inputs must be at least {MIN_SIZE} px; got {x.shape}"
+            )
         x = x.astype(jnp.float32)
         for n in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3"):
             x = self._conv(n, x)
@@ -251,7 +255,7 @@ def resize_matrix(n_in: int, n_out: int, mode: str) -> np.ndarray:
     elif mode == "tf1":
         src = i * scale
     else:
-        raise ValueError(f"resize_matrix: mode is 'torch' or 'tf1'; got {mode!r}")
+        raise InvalidValueError(f"resize_matrix: mode is 'torch' or 'tf1'; got {mode!r}")
     lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
     hi = np.minimum(lo + 1, n_in - 1)
     frac = src - lo
@@ -292,7 +296,7 @@ def preprocess_with(images: jax.Array, rh: jax.Array, rw: jax.Array, scaling: st
         return 2.0 * resize_with(x / 255.0, rh, rw) - 1.0
     if scaling == "128":
         return (resize_with(x, rh, rw) - 128.0) / 128.0
-    raise ValueError(f"preprocess: scaling is 'unit' or '128'; got {scaling!r}")
+    raise InvalidValueError(f"preprocess: scaling is 'unit' or '128'; got {scaling!r}")
 
 
 # --- weights -------------------------------------------------------------------------------
@@ -302,11 +306,13 @@ def check_weights(weights: dict, path: str = "the Inception weights") -> None:
         k = weights.get(f"{n}.kernel")
         if k is None or tuple(k.shape) != (kh, kw, cin, cout):
             got = None if k is None else tuple(k.shape)
-            raise ValueError(f"{path}: {n}.kernel is {got}; the layout needs {(kh, kw, cin, cout)}")
+            raise InvalidValueError(
+                f"{path}: {n}.kernel is {got}; the layout needs {(kh, kw, cin, cout)}"
+            )
         for part in ("mean", "var", "gamma", "beta"):
             v = weights.get(f"{n}.{part}")
             if v is None or tuple(v.shape) != (cout,):
-                raise ValueError(f"{path}: {n}.{part} is missing or not ({cout},)")
+                raise InvalidValueError(f"{path}: {n}.{part} is missing or not ({cout},)")
 
 
 def convert(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -348,9 +354,13 @@ def load_weights(path: str | Path) -> dict[str, np.ndarray]:
         with np.load(path) as z:
             weights = {k: z[k] for k in z.files}
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not an FID Inception weights file ({e}); {HOW_TO_MAKE}") from e
+        raise InvalidValueError(
+            f"{path} is not an FID Inception weights file ({e}); {HOW_TO_MAKE}"
+        ) from e
     if str(weights.get("format", "")) != FORMAT:
-        raise ValueError(f"{path} is not an FID Inception weights file (no format {FORMAT!r})")
+        raise InvalidValueError(
+            f"{path} is not an FID Inception weights file (no format {FORMAT!r})"
+        )
     check_weights(weights, str(path))
     return weights
 

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from vqvae import lpips as vgg_lpips
+from vqvae.errors import InvalidValueError
 
 ALEX_FEATURES = [0, 3, 6, 8, 10]  # torchvision alexnet.features indices of the convolutions
 ALEX_CONV = [(11, 4, 2), (5, 1, 2), (3, 1, 1), (3, 1, 1), (3, 1, 1)]  # kernel, stride, padding
@@ -53,7 +54,7 @@ class AlexLPIPS(nnx.Module):
     def features(self, x: jax.Array) -> list[jax.Array]:
         """x (B, H, W, 3) in [-1, 1] -> the five ReLU activations."""
         if min(x.shape[1:3]) < ALEX_MIN_SIZE:
-            raise ValueError(
+            raise InvalidValueError(
                 f"AlexNet LPIPS needs images of at least {ALEX_MIN_SIZE} px (got "
                 f"{x.shape[1]}x{x.shape[2]}); use the VGG16 weights for smaller images"
             )
@@ -92,12 +93,12 @@ def check_alex(weights: dict, path: str = "the AlexNet LPIPS weights") -> None:
     for k, ((kh, _, _), (cin, cout)) in enumerate(zip(ALEX_CONV, ALEX_CHANNELS, strict=True)):
         w, b = weights.get(f"conv{k}_kernel"), weights.get(f"conv{k}_bias")
         if w is None or tuple(w.shape) != (kh, kh, cin, cout) or b is None or b.shape != (cout,):
-            raise ValueError(
+            raise InvalidValueError(
                 f"{path}: convolution {k} is missing or not ({kh}, {kh}, {cin}, {cout})"
             )
         lin = weights.get(f"lin{k}")
         if lin is None or lin.shape != (cout,):
-            raise ValueError(f"{path}: lin{k} is missing or not ({cout},)")
+            raise InvalidValueError(f"{path}: lin{k} is missing or not ({cout},)")
 
 
 def convert_alex(alex: dict[str, np.ndarray], lin: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -131,7 +132,7 @@ def load(path: str | Path) -> tuple[nnx.Module, str]:
         with np.load(path) as z:
             weights = {k: z[k] for k in z.files}
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not an LPIPS weights file ({e}); {HOW_TO_MAKE}") from e
+        raise InvalidValueError(f"{path} is not an LPIPS weights file ({e}); {HOW_TO_MAKE}") from e
     if str(weights.get("net", "")) == "alex":
         check_alex(weights, str(path))
         return AlexLPIPS(weights), "alex"

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqvae.errors import InvalidValueError
+
 DATA_RANGE = 255.0
 SIGMA = 1.5
 TRUNCATE = 3.5
@@ -43,12 +45,14 @@ def _compute_dtype():
 
 def _check(a: jax.Array, b: jax.Array, name: str) -> None:
     if a.shape != b.shape:
-        raise ValueError(f"{name}: the two batches differ in shape: {a.shape} and {b.shape}")
+        raise InvalidValueError(f"{name}: the two batches differ in shape: {a.shape} and {b.shape}")
     if a.ndim != 4:
-        raise ValueError(f"{name}: expected batches (B, H, W, C); got shape {a.shape}")
+        raise InvalidValueError(f"{name}: expected batches (B, H, W, C); got shape {a.shape}")
     for x in (a, b):
         if not (x.dtype == jnp.uint8 or jnp.issubdtype(x.dtype, jnp.floating)):
-            raise ValueError(f"{name}: expected uint8 (or float on 0..255) images; got {x.dtype}")
+            raise InvalidValueError(
+                f"{name}: expected uint8 (or float on 0..255) images; got {x.dtype}"
+            )
 
 
 def psnr(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -76,7 +80,7 @@ def ssim(a: jax.Array, b: jax.Array) -> jax.Array:
     """Per-image SSIM (mean over channels), (B, H, W, C) x2 -> (B,), as scikit-image."""
     _check(a, b, "ssim")
     if min(a.shape[1], a.shape[2]) < WIN_SIZE:
-        raise ValueError(
+        raise InvalidValueError(
             f"ssim: images must be at least {WIN_SIZE} px on each side (the Gaussian window, "
             f"as scikit-image requires); got {a.shape[1]}x{a.shape[2]}"
         )

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vqvae.errors import InvalidValueError
+
 
 @dataclass(frozen=True)
 class Gaussian:
@@ -40,7 +42,9 @@ class FeatureStats:
         """Add a batch of feature vectors (N, D) (any float dtype; NumPy or JAX arrays)."""
         f = np.asarray(features, np.float64)
         if f.ndim != 2 or f.shape[1] != self.dim:
-            raise ValueError(f"FeatureStats: expected features (N, {self.dim}); got {f.shape}")
+            raise InvalidValueError(
+                f"FeatureStats: expected features (N, {self.dim}); got {f.shape}"
+            )
         self.count += f.shape[0]
         self.total += f.sum(axis=0)
         self.outer += f.T @ f
@@ -48,7 +52,7 @@ class FeatureStats:
     def merge(self, other: "FeatureStats") -> None:
         """Add another accumulator's vectors (another device's or process's share)."""
         if other.dim != self.dim:
-            raise ValueError(f"FeatureStats: cannot merge {other.dim}-d into {self.dim}-d")
+            raise InvalidValueError(f"FeatureStats: cannot merge {other.dim}-d into {self.dim}-d")
         self.count += other.count
         self.total += other.total
         self.outer += other.outer
@@ -62,7 +66,9 @@ class FeatureStats:
         """The accumulator whose ``state()`` (or a sum of them) is ``state``."""
         state = np.asarray(state, np.float64)
         if state.shape != (1 + dim + dim * dim,):
-            raise ValueError(f"FeatureStats: a {dim}-d state has {1 + dim + dim * dim} values")
+            raise InvalidValueError(
+                f"FeatureStats: a {dim}-d state has {1 + dim + dim * dim} values"
+            )
         s = cls(dim)
         s.count = int(round(state[0]))
         s.total = state[1 : 1 + dim].copy()
@@ -72,7 +78,7 @@ class FeatureStats:
     def gaussian(self) -> Gaussian:
         """mu and the sample covariance (N - 1) of every vector added."""
         if self.count < 2:
-            raise ValueError(
+            raise InvalidValueError(
                 f"FeatureStats: a covariance needs 2 or more vectors; have {self.count}"
             )
         mu = self.total / self.count
@@ -84,7 +90,9 @@ def write_stats(path, stats: Gaussian) -> Path:
     """Write pytorch-fid's statistics file (``mu``, ``sigma``; compressed as it does)."""
     path = Path(path)
     if path.suffix != ".npz":
-        raise ValueError(f"{path}: a statistics file must end in .npz (NumPy adds it otherwise)")
+        raise InvalidValueError(
+            f"{path}: a statistics file must end in .npz (NumPy adds it otherwise)"
+        )
     np.savez_compressed(path, mu=stats.mu, sigma=stats.sigma)
     return path
 
@@ -95,27 +103,27 @@ def _open(path: Path):
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: not a NumPy .npz file ({e})") from None
+        raise InvalidValueError(f"{path}: not a NumPy .npz file ({e})") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: a single .npy array, not an .npz file with named arrays")
+        raise InvalidValueError(f"{path}: a single .npy array, not an .npz file with named arrays")
     return npz
 
 
 def _gaussian(path: Path, npz, mu_key: str, sigma_key: str) -> Gaussian:
     for key in (mu_key, sigma_key):
         if key not in npz.files:
-            raise ValueError(
+            raise InvalidValueError(
                 f"{path}: no '{key}' array (has {', '.join(npz.files) or 'none'}; "
                 f"statistics need '{mu_key}' and '{sigma_key}')"
             )
     mu = np.asarray(npz[mu_key], np.float64)
     sigma = np.asarray(npz[sigma_key], np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(
+        raise InvalidValueError(
             f"{path}: '{mu_key}' {mu.shape} and '{sigma_key}' {sigma.shape} are not (D,) and (D, D)"
         )
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(f"{path}: '{mu_key}' or '{sigma_key}' has non-finite entries")
+        raise InvalidValueError(f"{path}: '{mu_key}' or '{sigma_key}' has non-finite entries")
     return Gaussian(mu, sigma)
 
 
@@ -138,7 +146,7 @@ class ADMReference:
         """The batch's images ``arr_0`` (N, H, W, 3) uint8 (loaded now: 10k images is ~2 GB)."""
         with _open(self.path) as npz:
             if "arr_0" not in npz.files:
-                raise ValueError(f"{self.path}: no 'arr_0' array (the reference images)")
+                raise InvalidValueError(f"{self.path}: no 'arr_0' array (the reference images)")
             return npz["arr_0"]
 
 

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vqvae.errors import InvalidValueError
+
 STYLES = ("taming", "maskgit")
 DOWNSAMPLES = ("asymmetric", "symmetric", "avgpool")
 NORM_EPS = 1e-6  # taming's and LlamaGen's GroupNorm epsilon (Flax's default, MaskGIT's)
@@ -60,23 +62,23 @@ class VQGANConfig:
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
         object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
         if self.style not in STYLES:
-            raise ValueError(f"vqgan.style must be one of {STYLES}, got {self.style!r}")
+            raise InvalidValueError(f"vqgan.style must be one of {STYLES}, got {self.style!r}")
         if self.downsample not in DOWNSAMPLES:
-            raise ValueError(
+            raise InvalidValueError(
                 f"vqgan.downsample must be one of {DOWNSAMPLES}, got {self.downsample!r}"
             )
         if not self.ch_mult or self.num_res_blocks < 1:
-            raise ValueError("vqgan needs at least one level and one res block per level")
+            raise InvalidValueError("vqgan needs at least one level and one res block per level")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"vqgan.dropout must be in [0, 1), got {self.dropout}")
+            raise InvalidValueError(f"vqgan.dropout must be in [0, 1), got {self.dropout}")
         if self.style == "maskgit" and (self.attn_resolutions or self.mid_attention):
-            raise ValueError(
+            raise InvalidValueError(
                 "the maskgit style has no attention: set attn_resolutions=() and "
                 "mid_attention=False"
             )
         for mult in self.ch_mult:
             if (self.ch * mult) % 32:
-                raise ValueError(
+                raise InvalidValueError(
                     f"vqgan widths must be multiples of 32 (GroupNorm's groups), "
                     f"got ch={self.ch} x {mult}"
                 )
@@ -302,7 +304,7 @@ class VQGANDecoder(nnx.Module):
             _conv(code_dim, z, 1, dtype, rngs) if taming and c.quant_conv else None
         )
         if taming and not c.quant_conv and z != code_dim:
-            raise ValueError("vqgan without quant_conv needs z_channels == code_dim")
+            raise InvalidValueError("vqgan without quant_conv needs z_channels == code_dim")
         cin = widths[-1]
         self.conv_in = _conv(z, cin, 3, dtype, rngs)
         self.mid = _mid(c, cin, dtype, rngs)

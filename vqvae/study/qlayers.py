@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vqvae.errors import InvalidValueError
 from vqvae.ste import estimator
 
 
@@ -21,7 +22,7 @@ def uniform_quantizer(
     """u (grid units) -> the nearest of the 2^bits integers in [-2^(bits-1), 2^(bits-1) - 1],
     with the gradient ``derivative(u)`` (the STE's 1 when None)."""
     if bits < 1:
-        raise ValueError(f"bits must be at least 1, got {bits}")
+        raise InvalidValueError(f"bits must be at least 1, got {bits}")
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return estimator(lambda u: jnp.clip(jnp.round(u), lo, hi), derivative or jnp.ones_like)
 

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqvae.errors import InvalidValueError
+
 # Surrogate derivatives for the custom estimators of rounding (and of sign), after the
 # estimators compared by Schoenbauer et al. 2024 ("Custom Gradient Estimators are
 # Straight-Through Estimators in Disguise"). Each rounding surrogate has period 1 and rises
@@ -23,7 +25,7 @@ def piecewise_linear(flat: float = 0.5) -> Callable[[jax.Array], jax.Array]:
     integer (where rounding is flat), ``2 - flat`` near the thresholds k + 1/2; 0 < flat < 2.
     ``flat = 1`` is the STE."""
     if not 0 < flat < 2:
-        raise ValueError(f"piecewise_linear needs 0 < flat < 2, got {flat}")
+        raise InvalidValueError(f"piecewise_linear needs 0 < flat < 2, got {flat}")
 
     def derivative(x):
         near_integer = jnp.abs(x - jnp.round(x)) < 0.25
@@ -38,7 +40,7 @@ def soft_round(alpha: float = 2.0) -> Callable[[jax.Array], jax.Array]:
     ``r = x - m``: ``alpha (1 - tanh(alpha r)^2) / (2 tanh(alpha / 2))``, steepest at the
     thresholds. alpha -> 0 is the STE; large alpha approaches rounding itself."""
     if alpha <= 0:
-        raise ValueError(f"soft_round needs alpha > 0, got {alpha}")
+        raise InvalidValueError(f"soft_round needs alpha > 0, got {alpha}")
 
     def derivative(x):
         r = x - jnp.floor(x) - 0.5
@@ -78,7 +80,7 @@ def sgd_equivalence(
     middles = (edges[:-1] + edges[1:]) / 2
     d = np.asarray(derivative(jnp.asarray(middles, jnp.float32)), np.float64)
     if not np.all(np.isfinite(d)) or np.any(d <= 0):
-        raise ValueError("sgd_equivalence needs a derivative that is finite and positive")
+        raise InvalidValueError("sgd_equivalence needs a derivative that is finite and positive")
     inverse = 1.0 / d
     factor = float(1.0 / inverse.mean())
     # M(k - 1/2 + t) - (k - 1/2) at the cell edges, from 0 to 1

@@ -6,6 +6,7 @@ bidirectional one). A new kind is one module here with a
 ``Task`` subclass, and one line in ``TASKS``.
 """
 
+from vqvae.errors import InvalidValueError
 from vqvae.tasks.base import MODEL_KEYS, Task, make_optimizer, make_train_step
 
 TASKS = {
@@ -21,7 +22,7 @@ def make_task(config, arrays=None) -> Task:
 
     name = config.get("task", "tokenizer")
     if name not in TASKS:
-        raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
+        raise InvalidValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
     module, _, cls = TASKS[name].partition(":")
     return getattr(importlib.import_module(module), cls)(config, arrays)
 

@@ -15,6 +15,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from vqvae.errors import InvalidValueError
 from vqvae.sources import make_source
 
 MODEL_KEYS = ("params", "rest")  # the inference model; everything else is training state
@@ -53,7 +54,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
     elif optim.name == "sgd":
         opt = optax.sgd(schedule)
     else:
-        raise ValueError(f"optim.name must be 'adam', 'adamw' or 'sgd', got {optim.name!r}")
+        raise InvalidValueError(f"optim.name must be 'adam', 'adamw' or 'sgd', got {optim.name!r}")
     if optim.grad_clip:
         opt = optax.chain(optax.clip_by_global_norm(optim.grad_clip), opt)
     return opt

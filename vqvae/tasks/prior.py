@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from vqvae.errors import InvalidValueError
 from vqvae.prior import PriorConfig, drop_labels, prior_loss
 from vqvae.sources import DataError, make_source, token_manifest
 from vqvae.tasks.base import Task, make_train_step
@@ -50,7 +51,7 @@ class PriorTask(Task):
     def label_dropout(self) -> float:
         rate = float(self.config.get("label_dropout", 0.0))
         if not 0 <= rate < 1:
-            raise ValueError(f"label_dropout must be in [0, 1), got {rate}")
+            raise InvalidValueError(f"label_dropout must be in [0, 1), got {rate}")
         return rate
 
     def step_key(self, step: jax.Array) -> jax.Array:

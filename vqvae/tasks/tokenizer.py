@@ -16,6 +16,7 @@ from flax import nnx
 
 from vqvae import adversarial
 from vqvae.data import local_examples
+from vqvae.errors import InvalidValueError
 from vqvae.logs import psnr
 from vqvae.lpips import LPIPS, load_weights
 from vqvae.model import VQVAEConfig, dropout_rngs, to_model_range, to_uint8
@@ -34,7 +35,9 @@ class TokenizerTask(Task):
         self.gan = gan if gan is not None and gan.weight > 0 else None
         if self.gan is not None:
             if gan.loss not in adversarial.LOSSES:
-                raise ValueError(f"gan.loss must be one of {adversarial.LOSSES}, got {gan.loss!r}")
+                raise InvalidValueError(
+                    f"gan.loss must be one of {adversarial.LOSSES}, got {gan.loss!r}"
+                )
             self.disc_tx = make_optimizer(gan.optim, config.steps)
             self.disc_graphdef = nnx.graphdef(nnx.eval_shape(lambda: self.discriminator(0)))
         self.lpips = self._perceptual()
@@ -44,7 +47,7 @@ class TokenizerTask(Task):
             self.tx = freeze_optimizer(self.tx, config.freeze, self.model_config)
         pixel = config.loss.get("pixel", "mse")
         if pixel not in ("mse", "l1"):
-            raise ValueError(f"loss.pixel must be 'mse' or 'l1', got {pixel!r}")
+            raise InvalidValueError(f"loss.pixel must be 'mse' or 'l1', got {pixel!r}")
 
     def make_model_config(self) -> VQVAEConfig:
         return VQVAEConfig.from_dict(dict(self.config.model))
@@ -62,7 +65,7 @@ class TokenizerTask(Task):
             )
             return None
         if self.model_config.channels != 3:
-            raise ValueError("the LPIPS perceptual term needs RGB images (channels=3)")
+            raise InvalidValueError("the LPIPS perceptual term needs RGB images (channels=3)")
         return LPIPS(load_weights(path))
 
     def discriminator(self, seed: int) -> adversarial.PatchDiscriminator:
