@@ -53,7 +53,7 @@ from vqvae.devicestats import (  # noqa: E402
 )
 from vqvae.flops import count_flops  # noqa: E402
 from vqvae.model import PRESETS, to_model_range, vqvae_loss  # noqa: E402
-from vqvae.quantizers import QuantizerConfig, nearest_codes  # noqa: E402
+from vqvae.quantizers import FSQConfig, LFQConfig, RVQConfig, VQConfig, nearest_codes  # noqa: E402
 from vqvae.sharding import batch_sharding  # noqa: E402
 from vqvae.trainer import Trainer  # noqa: E402
 
@@ -92,7 +92,7 @@ QUICK_TRAIN = {
     "sonnet-cifar": dict(model=PRESETS["sonnet-cifar"], batch=16),
     "f8-256": dict(
         model=PRESETS["f8-256"].replace(
-            image_size=32, base_channels=16, quantizer=QuantizerConfig(num_codes=512)
+            image_size=32, base_channels=16, quantizer=VQConfig(num_codes=512)
         ),
         batch=2,
     ),
@@ -124,11 +124,11 @@ QUICK_PRESETS = {
 # The quantizer kinds of the README's table, at 9 bits per token (and residual VQ at 18),
 # each in the sonnet-cifar net: their train step's time against VQ's.
 QUANTIZER_KINDS = {
-    "vq 512": QuantizerConfig(num_codes=512),
-    "fsq (8,8,8)": QuantizerConfig(kind="fsq", fsq_levels=(8, 8, 8)),
-    "lfq 9 bits": QuantizerConfig(kind="lfq", lfq_bits=9),
-    "rvq 3 x 8": QuantizerConfig(kind="rvq", num_codes=8, residual_levels=3),
-    "rvq 2 x 512": QuantizerConfig(kind="rvq", num_codes=512, residual_levels=2),
+    "vq 512": VQConfig(num_codes=512),
+    "fsq (8,8,8)": FSQConfig(fsq_levels=(8, 8, 8)),
+    "lfq 9 bits": LFQConfig(lfq_bits=9),
+    "rvq 3 x 8": RVQConfig(num_codes=8, residual_levels=3),
+    "rvq 2 x 512": RVQConfig(num_codes=512, residual_levels=2),
 }
 
 

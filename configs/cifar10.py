@@ -15,11 +15,11 @@ steps are re-seeded from the batch. Sonnet's exact recipe:
 
 from configs.common import base
 from vqvae.model import PRESETS
-from vqvae.quantizers import QuantizerConfig
+from vqvae.quantizers import VQConfig
 
 
 def get_config():
-    c = base(PRESETS["sonnet-cifar"].replace(quantizer=QuantizerConfig(dead_code_threshold=0.03)))
+    c = base(PRESETS["sonnet-cifar"].replace(quantizer=VQConfig(dead_code_threshold=0.03)))
     c.data.source = "tfds:cifar10"
     c.data.val_fraction = 0.1  # folder sources: 10% of the files held out
     c.steps = 10_000

@@ -10,6 +10,7 @@ import ml_collections
 
 from vqvae.distributed import STEP_TIMEOUT_S
 from vqvae.model import VQVAEConfig
+from vqvae.quantizers import every_setting
 
 
 def base(model: VQVAEConfig | dict, task: str = "tokenizer") -> ml_collections.ConfigDict:
@@ -25,6 +26,8 @@ def base(model: VQVAEConfig | dict, task: str = "tokenizer") -> ml_collections.C
     c.distributed = False  # start jax.distributed (also automatic under Slurm / Open MPI)
     c.step_timeout_s = STEP_TIMEOUT_S  # several processes: stop when no step ends this long
     c.model = model if isinstance(model, dict) else model.to_dict()
+    if not isinstance(model, dict):  # every kind's settings: any kind on the command line
+        c.model.quantizer = every_setting(model.quantizer)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "sample_photos"

@@ -8,7 +8,7 @@ A few minutes on a 2-core CPU. 32x32 crops -> 8x8 grids of 256 codes.
 
 from configs.common import base
 from vqvae.model import VQVAEConfig
-from vqvae.quantizers import QuantizerConfig
+from vqvae.quantizers import VQConfig
 
 
 def get_config():
@@ -19,7 +19,7 @@ def get_config():
         mid_blocks=2,
         res_hidden=32,
         code_dim=32,
-        quantizer=QuantizerConfig(num_codes=256, dead_code_threshold=0.05),
+        quantizer=VQConfig(num_codes=256, dead_code_threshold=0.05),
     )
     c = base(model)
     c.data.source = "sample_photos"

@@ -5,7 +5,7 @@ python train.py --config configs/tiny.py --workdir /tmp/vqvae-tiny
 
 from configs.common import base
 from vqvae.model import VQVAEConfig
-from vqvae.quantizers import QuantizerConfig
+from vqvae.quantizers import VQConfig
 
 
 def get_config():
@@ -16,7 +16,7 @@ def get_config():
         mid_blocks=1,
         res_hidden=8,
         code_dim=8,
-        quantizer=QuantizerConfig(num_codes=32),
+        quantizer=VQConfig(num_codes=32),
     )
     c = base(model)
     c.steps = 20

@@ -9,7 +9,7 @@ import ml_collections
 from configs import tiny
 from vqvae.model import VQVAEConfig
 from vqvae.nets import VQGANConfig
-from vqvae.quantizers import QuantizerConfig
+from vqvae.quantizers import VQConfig
 
 
 def get_config():
@@ -18,7 +18,7 @@ def get_config():
         ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=32
     )
     model = VQVAEConfig(
-        image_size=16, net="vqgan", vqgan=net, code_dim=8, quantizer=QuantizerConfig(num_codes=32)
+        image_size=16, net="vqgan", vqgan=net, code_dim=8, quantizer=VQConfig(num_codes=32)
     )
     c.model = ml_collections.ConfigDict(model.to_dict())
     return c

@@ -234,13 +234,13 @@ def vq_model(estimator: str, seed: int = 0):
     from pathlib import Path
 
     from vqvae.model import VQVAEConfig
-    from vqvae.quantizers import QuantizerConfig
+    from vqvae.quantizers import VQConfig
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the configs folder
     from configs import default
 
     config = VQVAEConfig.from_dict(default.get_config().model.to_dict())
-    config = config.replace(quantizer=QuantizerConfig(num_codes=256, estimator=estimator))
+    config = config.replace(quantizer=VQConfig(num_codes=256, estimator=estimator))
     return config.build(nnx.Rngs(seed))
 
 

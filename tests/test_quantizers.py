@@ -14,14 +14,14 @@ from jax.sharding import PartitionSpec as P
 
 from vqvae.model import VQVAEConfig
 from vqvae.quantizers import KINDS as REGISTERED
-from vqvae.quantizers import LFQ, QuantizerConfig, ResidualVQ, kind_of
+from vqvae.quantizers import LFQ, ResidualVQ, RVQConfig, VQConfig, kind_of, quantizer_from_dict
 from vqvae.quantizers.fsq import fsq_codes_to_indices, fsq_indices_to_codes, fsq_quantize
 from vqvae.quantizers.lfq import lfq_codes_to_indices, lfq_entropies, lfq_indices_to_codes
 
 # every registered kind, from its own small example; and factorised l2 codes,
 # gradient-learned (LlamaGen's way): 32 codes of 4 dims behind projections from the 8
-KINDS = {name: QuantizerConfig(kind=name, **kind_of(name).example) for name in REGISTERED}
-KINDS["vq-l2"] = QuantizerConfig(num_codes=32, codebook_dim=4, normalize=True, learning="gradient")
+KINDS = {name: kind_of(name)(**kind_of(name).example) for name in REGISTERED}
+KINDS["vq-l2"] = VQConfig(num_codes=32, codebook_dim=4, normalize=True, learning="gradient")
 
 
 # --- FSQ ------------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def test_quantizer_dropout_trains_only_the_first_levels_it_draws():
 
 def test_residual_vq_refuses_cosine_codes_in_one_line():
     with pytest.raises(ValueError, match="residual VQ does not support cosine codes"):
-        QuantizerConfig(kind="rvq", residual_levels=3, normalize=True).build(8, nnx.Rngs(0))
+        RVQConfig(residual_levels=3, normalize=True).build(8, nnx.Rngs(0))
 
 
 def test_dropped_levels_are_left_out_of_the_health_figures():
@@ -215,7 +215,7 @@ def test_a_model_config_of_the_older_flat_layout_still_loads():
         "assign_precision": "highest", "compute_dtype": "float32",
     }  # fmt: skip
     config = VQVAEConfig.from_dict(old)
-    assert config.quantizer == QuantizerConfig(num_codes=32)
+    assert config.quantizer == VQConfig(num_codes=32)
     with pytest.raises(ValueError, match="unknown model config keys: \\['widht'\\]"):
         VQVAEConfig.from_dict({**old, "widht": 3})
 
@@ -263,7 +263,7 @@ def test_every_kind_tokenizes_exports_and_feeds_the_prior(trained_kinds, kind, t
     manifest = export_tokens(
         tok, "sample_photos", tmp_path / "tokens", split="val", log=lambda _: 0
     )
-    assert QuantizerConfig.from_dict(manifest["quantizer"]) == KINDS[kind]  # codebook_dim too
+    assert quantizer_from_dict(manifest["quantizer"]) == KINDS[kind]  # codebook_dim too
     assert manifest["token_shape"] == [4, 4, *tok.token_levels]
     shard = np.load(tmp_path / "tokens" / manifest["shards"][0]["file"])["tokens"]
     assert shard.shape[1:] == (4, 4, *tok.token_levels)

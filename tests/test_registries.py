@@ -1,9 +1,11 @@
 """Adding a quantizer kind or a data source is one definition plus one registry line: both
 are registered here, from the test file alone, and the tiny config trains with each."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,14 @@ import pytest
 from flax import nnx
 
 from vqvae.data import SOURCES, DataError, make_source
-from vqvae.quantizers import KINDS, Kind, Quantizer, QuantizerOutput, health, level_counts
+from vqvae.quantizers import (
+    KINDS,
+    Quantizer,
+    QuantizerConfig,
+    QuantizerOutput,
+    health,
+    level_counts,
+)
 from vqvae.quantizers.assign import nearest_codes
 from vqvae.trainer import Trainer
 
@@ -25,10 +34,10 @@ class FixedCodebook(Quantizer):
     """A toy kind: nearest of ``num_codes`` fixed random codes, straight-through, with a
     commitment loss (nothing about the codes is learned)."""
 
-    def __init__(self, num_codes: int, code_dim: int, beta: float, *, rngs: nnx.Rngs):
+    def __init__(self, num_codes: int, code_dim: int, beta: float, scale: float, *, rngs):
         self.code_dim, self.vocab_size, self.beta = code_dim, num_codes, beta
         key = rngs.params()
-        self.table = nnx.Variable(jax.random.normal(key, (num_codes, code_dim)))
+        self.table = nnx.Variable(scale * jax.random.normal(key, (num_codes, code_dim)))
 
     def __call__(self, z, *, train=False):
         self.check_input(z)
@@ -48,11 +57,22 @@ class FixedCodebook(Quantizer):
         return self.table.get_value()
 
 
-class FixedKind(Kind):
-    example = {"num_codes": 8}
+@dataclasses.dataclass(frozen=True)
+class FixedConfig(QuantizerConfig):
+    """The toy kind's config, with a setting no other kind has (``scale``)."""
 
-    def build(self, q, code_dim, rngs):
-        return FixedCodebook(q.num_codes, code_dim, q.beta, rngs=rngs)
+    kind: ClassVar[str] = "fixed"
+    example: ClassVar[dict] = {"num_codes": 8}
+    num_codes: int = 16
+    beta: float = 0.25
+    scale: float = 1.0  # the fixed codes' standard deviation
+
+    def build(self, code_dim, rngs):
+        return FixedCodebook(self.num_codes, code_dim, self.beta, self.scale, rngs=rngs)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_codes
 
 
 class Stripes:
@@ -85,16 +105,17 @@ def stripes(rest, data, *, image_size, channels, **_):
 
 
 def test_a_kind_registered_here_trains_and_tokenizes(tmp_path, monkeypatch):
-    monkeypatch.setitem(KINDS, "fixed", FixedKind())
+    monkeypatch.setitem(KINDS, "fixed", FixedConfig)
     c = config(steps=2, eval_every=2, checkpoint_every=2)
-    c.model.quantizer.kind = "fixed"
-    c.model.quantizer.num_codes = 8
+    c.model.quantizer = FixedConfig(num_codes=8, scale=3.0).to_dict()
     Trainer(c, tmp_path).train()
     from vqvae.tokenizer import Tokenizer
 
     tok = Tokenizer.load(tmp_path)
     ids = tok.encode(np.zeros((2, 16, 16, 3), np.uint8))
     assert tok.kind == "fixed" and ids.dtype == np.int32 and int(ids.max()) < 8
+    assert tok.config["quantizer"] == {"kind": "fixed", "num_codes": 8, "beta": 0.25, "scale": 3.0}
+    assert 2.0 < float(np.std(tok.codebook)) < 4.0  # its own setting took effect
 
 
 def test_a_source_registered_here_trains(tmp_path, monkeypatch):
@@ -207,12 +228,14 @@ def test_the_import_graph_has_no_circles():
 def test_a_bug_keeps_its_traceback_and_a_bad_setting_is_one_line(tmp_path, monkeypatch, capsys):
     from vqvae.runtime import clean_errors
 
-    def broken(self, *args, **kwargs):
-        raise TypeError("a bug inside the trainer")
+    for error in (TypeError, ValueError):  # a bare ValueError is a bug too (not the package's)
 
-    monkeypatch.setattr(Trainer, "_loop", broken)
-    with pytest.raises(TypeError, match="a bug inside the trainer"), clean_errors("train.py"):
-        Trainer(config(steps=1), tmp_path / "bug").train()
+        def broken(self, *args, error=error, **kwargs):
+            raise error("a bug inside the trainer")
+
+        monkeypatch.setattr(Trainer, "_loop", broken)
+        with pytest.raises(error, match="a bug inside the trainer"), clean_errors("train.py"):
+            Trainer(config(steps=1), tmp_path / error.__name__).train()
     c = config(steps=1)
     c.model.quantizer.kind = "nope"
     with pytest.raises(SystemExit) as stop, clean_errors("train.py"):

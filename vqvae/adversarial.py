@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vqvae.errors import InvalidValueError
+
 LOSSES = ("hinge", "non_saturating")
 NORMS = ("spectral", "group", "batch", "none")
 PADDINGS = ("same", "one")  # "one": taming's padding=1 (its stride-1 convs shrink by 1)
@@ -67,9 +69,11 @@ class PatchDiscriminator(nnx.Module):
         rngs: nnx.Rngs,
     ):
         if norm not in NORMS:
-            raise ValueError(f"discriminator norm must be one of {NORMS}, got {norm!r}")
+            raise InvalidValueError(f"discriminator norm must be one of {NORMS}, got {norm!r}")
         if padding not in PADDINGS:
-            raise ValueError(f"discriminator padding must be one of {PADDINGS}, got {padding!r}")
+            raise InvalidValueError(
+                f"discriminator padding must be one of {PADDINGS}, got {padding!r}"
+            )
         pad = "SAME" if padding == "same" else 1
         widths = [channels * min(2**i, 8) for i in range(layers + 1)]  # (64, 128, 256, 512)
         strides = [2] * layers + [1]
@@ -90,15 +94,15 @@ class PatchDiscriminator(nnx.Module):
             )  # fmt: skip
         self.convs, self.norms = nnx.List(convs), nnx.List(norms)
         self.last = nnx.Conv(widths[-1], 1, (4, 4), padding=pad, rngs=rngs)
-        self.kind = norm
+        self.norm_type = norm
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """``train``: the discriminator's own step (spectral norm's power iteration and
         batch norm's running averages move); the generator's step leaves them."""
         h = jax.nn.leaky_relu(self.first(x), 0.2)
         for conv, norm in zip(self.convs, self.norms, strict=True):
-            h = conv(h, update_stats=train) if self.kind == "spectral" else conv(h)
-            if self.kind == "batch":
+            h = conv(h, update_stats=train) if self.norm_type == "spectral" else conv(h)
+            if self.norm_type == "batch":
                 h = norm(h, update=train)
             elif norm is not None:
                 h = norm(h)
@@ -116,7 +120,7 @@ def discriminator_loss(real: jax.Array, fake: jax.Array, loss: str) -> jax.Array
         return 0.5 * (jnp.mean(jax.nn.relu(1.0 - real)) + jnp.mean(jax.nn.relu(1.0 + fake)))
     if loss == "non_saturating":
         return 0.5 * (jnp.mean(jax.nn.softplus(-real)) + jnp.mean(jax.nn.softplus(fake)))
-    raise ValueError(f"adversarial loss must be one of {LOSSES}, got {loss!r}")
+    raise InvalidValueError(f"adversarial loss must be one of {LOSSES}, got {loss!r}")
 
 
 def generator_loss(fake: jax.Array, loss: str) -> jax.Array:
@@ -126,7 +130,7 @@ def generator_loss(fake: jax.Array, loss: str) -> jax.Array:
         return -jnp.mean(fake)
     if loss == "non_saturating":
         return jnp.mean(jax.nn.softplus(-fake))
-    raise ValueError(f"adversarial loss must be one of {LOSSES}, got {loss!r}")
+    raise InvalidValueError(f"adversarial loss must be one of {LOSSES}, got {loss!r}")
 
 
 def adaptive_weight(

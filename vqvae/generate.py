@@ -5,21 +5,44 @@ what ``sample.py --mode generate`` draws and ``python -m vqvae.evaluate --genera
 import jax
 import numpy as np
 
-GENERATORS = ("prior", "maskgit")  # checkpoint kinds that generate
+from vqvae.errors import InvalidValueError
+
 MASKGIT_ONLY = ("steps", "choice_temperature")
+
+
+def _prior_sampler(model, settings: dict):
+    from vqvae import prior
+
+    settings = {k: v for k, v in settings.items() if k not in MASKGIT_ONLY}
+    prior.check_sampling(**settings)
+    return prior.sample, settings
+
+
+def _maskgit_sampler(model, settings: dict):
+    from vqvae import maskgit
+
+    if "steps" in settings:  # a bad --steps: one line
+        maskgit.decode_schedule(model.seq_len, settings["steps"])
+    return maskgit.sample, settings
+
+
+# checkpoint kind -> (model, settings) -> (its sampler, the settings it takes), checked
+SAMPLERS = {"prior": _prior_sampler, "maskgit": _maskgit_sampler}
+GENERATORS = tuple(SAMPLERS)  # checkpoint kinds that generate
 
 
 def load_generator(workdir, step: int | None = None) -> tuple[str, object, dict]:
     """(kind, model, meta) of a prior's or a masked generator's checkpoint."""
     from vqvae.checkpoint import CheckpointError, load_model
 
-    for kind in GENERATORS:
+    *others, last = GENERATORS
+    for kind in others:
         try:
             return (kind, *load_model(workdir, step, kind=kind))
         except CheckpointError as e:
-            if "holds a" not in str(e) or kind == GENERATORS[-1]:
+            if "holds a" not in str(e):  # not "holds a <another kind>": a real problem
                 raise
-    raise AssertionError("unreachable")
+    return (last, *load_model(workdir, step, kind=last))
 
 
 class Generator:
@@ -30,18 +53,10 @@ class Generator:
     def __init__(self, workdir, step: int | None = None, **settings):
         from flax import nnx  # here, not at import: sample.py's flags need no Flax
 
-        from vqvae import maskgit, prior
         from vqvae.tokenizer import Tokenizer
 
         self.kind, self.model, self.meta = load_generator(workdir, step)
-        if self.kind == "prior":
-            settings = {k: v for k, v in settings.items() if k not in MASKGIT_ONLY}
-            prior.check_sampling(**settings)
-            sampler = prior.sample
-        else:
-            if "steps" in settings:  # a bad --steps: one line
-                maskgit.decode_schedule(self.model.seq_len, settings["steps"])
-            sampler = maskgit.sample
+        sampler, settings = SAMPLERS[self.kind](self.model, settings)
         self.settings = settings
         self.tokenizer = Tokenizer.load(self.meta["tokenizer"])
         graphdef, self._state = nnx.split(self.model)
@@ -60,7 +75,7 @@ class Generator:
         class (a grid's rows)."""
         if label == "each":
             if not self.num_classes or num % self.num_classes:
-                raise ValueError(
+                raise InvalidValueError(
                     f"label 'each' needs a class-conditional generator and a number of "
                     f"samples divisible by its {self.num_classes} classes, got {num}"
                 )
@@ -70,7 +85,9 @@ class Generator:
                 return np.full(num, -1, np.int32)
             return np.arange(num, dtype=np.int32) % self.num_classes
         if label >= self.num_classes or label < -1:
-            raise ValueError(f"label {label}: the {self.kind} knows {self.num_classes} classes")
+            raise InvalidValueError(
+                f"label {label}: the {self.kind} knows {self.num_classes} classes"
+            )
         return np.full(num, label, np.int32)
 
     def tokens(self, labels: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -97,7 +114,9 @@ def class_label(text: str):
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"--label must be a class id, 'all' or 'each', got {text!r}") from None
+        raise InvalidValueError(
+            f"--label must be a class id, 'all' or 'each', got {text!r}"
+        ) from None
 
 
 def add_sampling_flags(p, where: str) -> None:
@@ -135,9 +154,9 @@ def sampling_settings(args) -> dict:
     """The sampler's settings from ``add_sampling_flags``'s flags; ``ValueError`` in one
     line for a value no sampler takes."""
     if args.temperature <= 0:
-        raise ValueError("--temperature must be positive")
+        raise InvalidValueError("--temperature must be positive")
     if not 0 < args.top_p <= 1 or args.cfg_scale < 0 or args.top_k < 0:
-        raise ValueError("--top-p must be in (0, 1], --cfg-scale and --top-k at least 0")
+        raise InvalidValueError("--top-p must be in (0, 1], --cfg-scale and --top-k at least 0")
     return dict(
         temperature=args.temperature,
         top_k=args.top_k,

@@ -7,11 +7,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vqvae.errors import InvalidValueError
 from vqvae.nets import ACTIVATIONS, Decoder, Encoder, VQGANConfig, VQGANDecoder, VQGANEncoder
-from vqvae.quantizers import QuantizerConfig
+from vqvae.quantizers import QuantizerConfig, VQConfig, quantizer_from_dict
 
 # The quantizer's fields as the model config held them before the quantizer had its own
-# (checkpoints written then): old name -> QuantizerConfig field.
+# (checkpoints written then): old name -> VQConfig field.
 _FLAT_QUANTIZER_KEYS = {
     "num_codes": "num_codes",
     "beta": "beta",
@@ -59,26 +60,26 @@ class VQVAEConfig:
     group_norm: bool = False
     activation: str = "relu"
     code_dim: int = 64  # the encoder's output width, what the quantizer sees
-    quantizer: QuantizerConfig = QuantizerConfig()
+    quantizer: QuantizerConfig = VQConfig()  # the kind's own config
     compute_dtype: str = "float32"  # "bfloat16": convolutions in bf16, parameters in f32
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
         if not isinstance(self.quantizer, QuantizerConfig):  # a dict or a ConfigDict
-            object.__setattr__(self, "quantizer", QuantizerConfig.from_dict(dict(self.quantizer)))
+            object.__setattr__(self, "quantizer", quantizer_from_dict(dict(self.quantizer)))
         if not isinstance(self.vqgan, VQGANConfig):
             object.__setattr__(self, "vqgan", _from_dict(VQGANConfig, self.vqgan, "vqgan"))
         if self.net not in NETS:
-            raise ValueError(f"model.net must be one of {NETS}, got {self.net!r}")
+            raise InvalidValueError(f"model.net must be one of {NETS}, got {self.net!r}")
         if self.image_size % self.downsample_factor:
-            raise ValueError(
+            raise InvalidValueError(
                 f"image_size {self.image_size} is not divisible by the downsampling factor "
                 f"{self.downsample_factor} of the {self.net} net"
             )
         if self.compute_dtype not in DTYPES:
-            raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}")
+            raise InvalidValueError(f"compute_dtype must be one of {sorted(DTYPES)}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}")
+            raise InvalidValueError(f"activation must be one of {sorted(ACTIVATIONS)}")
 
     @property
     def downsample_factor(self) -> int:
@@ -95,7 +96,7 @@ class VQVAEConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (tuples stay tuples, so configs can override them)."""
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "quantizer": self.quantizer.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VQVAEConfig":
@@ -105,7 +106,9 @@ class VQVAEConfig:
         flat = {_FLAT_QUANTIZER_KEYS[k]: d.pop(k) for k in list(d) if k in _FLAT_QUANTIZER_KEYS}
         if flat:
             if "quantizer" in d:
-                raise ValueError(f"model config has both a quantizer and flat keys {sorted(flat)}")
+                raise InvalidValueError(
+                    f"model config has both a quantizer and flat keys {sorted(flat)}"
+                )
             d["quantizer"] = {"kind": "vq", **flat}
         return _from_dict(cls, d, "model")
 
@@ -118,7 +121,7 @@ def _from_dict(cls, d, name: str):
     d = dict(d)
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-        raise ValueError(f"unknown {name} config keys: {sorted(unknown)}")
+        raise InvalidValueError(f"unknown {name} config keys: {sorted(unknown)}")
     return cls(**d)
 
 
@@ -142,7 +145,7 @@ PRESETS = {
         res_hidden=None,
         stem=True,
         code_dim=256,
-        quantizer=QuantizerConfig(num_codes=16384),
+        quantizer=VQConfig(num_codes=16384),
         compute_dtype="bfloat16",
     ),
     # The VQGAN family at 256 px (f16: 16x16 grids), shapes equal to the released models
@@ -150,10 +153,10 @@ PRESETS = {
     # are gradient-learned, as theirs are.
     # taming-transformers' ImageNet VQGANs (configs/imagenet_vqgan.yaml's net)
     "taming-f16-16384": _vqgan(
-        VQGANConfig(), 256, QuantizerConfig(num_codes=16384, learning="gradient")
+        VQGANConfig(), 256, VQConfig(num_codes=16384, learning="gradient")
     ),
     "taming-f16-1024": _vqgan(
-        VQGANConfig(), 256, QuantizerConfig(num_codes=1024, learning="gradient")
+        VQGANConfig(), 256, VQConfig(num_codes=1024, learning="gradient")
     ),
     # MaskGIT's ImageNet tokenizer (maskgit/configs/vqgan_config.py): no attention, average
     # pooling, 1024 x 256 codes
@@ -166,16 +169,16 @@ PRESETS = {
             quant_conv=False,
         ),
         256,
-        QuantizerConfig(num_codes=1024, learning="gradient"),
+        VQConfig(num_codes=1024, learning="gradient"),
     ),
     # LlamaGen's VQ-16 and VQ-8: 16384 codes of 8 dimensions, l2-normalised (cosine search)
     "llamagen-vq16": _vqgan(
-        VQGANConfig(), 8, QuantizerConfig(num_codes=16384, learning="gradient", normalize=True)
+        VQGANConfig(), 8, VQConfig(num_codes=16384, learning="gradient", normalize=True)
     ),
     "llamagen-vq8": _vqgan(
         VQGANConfig(ch_mult=(1, 2, 2, 4), attn_resolutions=(32,)),
         8,
-        QuantizerConfig(num_codes=16384, learning="gradient", normalize=True),
+        VQConfig(num_codes=16384, learning="gradient", normalize=True),
     ),
 }
 

@@ -11,6 +11,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from vqvae.errors import InvalidValueError
+
 Precision = Literal["highest", "high", "default", "rerank"]
 _PRECISIONS = {
     "highest": jax.lax.Precision.HIGHEST,
@@ -64,12 +66,14 @@ def nearest_codes(
     shortlist.
     """
     if codebook.ndim != 2 or z.shape[-1] != codebook.shape[-1]:
-        raise ValueError(
+        raise InvalidValueError(
             f"nearest_codes needs z (..., D) and codebook (K, D) with the same D; "
             f"got z {z.shape} and codebook {codebook.shape}"
         )
     if precision not in _PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+        raise InvalidValueError(
+            f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}"
+        )
     lead, d = z.shape[:-1], z.shape[-1]
     z = z.reshape(-1, d).astype(jnp.float32)  # (N, D)
     e = codebook.astype(jnp.float32)  # (K, D)

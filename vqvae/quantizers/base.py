@@ -6,13 +6,15 @@ tokens per vector (1, or a residual quantizer's levels), each one of ``vocab_siz
 token grids are (..., ) with one level and (..., L) with several.
 """
 
+import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vqvae.errors import InvalidValueError
 from vqvae.quantizers.assign import codebook_health
 
 
@@ -121,7 +123,7 @@ class Quantizer(nnx.Module):
 
     def check_input(self, z: jax.Array) -> None:
         if z.ndim < 1 or z.shape[-1] != self.code_dim:
-            raise ValueError(
+            raise InvalidValueError(
                 f"{type(self).__name__} expects inputs (..., {self.code_dim}), got shape {z.shape}"
             )
         if not jnp.issubdtype(z.dtype, jnp.floating):
@@ -132,34 +134,39 @@ class Quantizer(nnx.Module):
             raise TypeError(f"lookup needs integer indices, got dtype {indices.dtype}")
 
 
-class Kind:
-    """How a ``QuantizerConfig`` of one kind is checked, built and described: each kind's
-    module defines one (``KIND``) and ``vqvae.quantizers.config.KINDS`` names it.
+@dataclasses.dataclass(frozen=True)
+class QuantizerConfig:
+    """What quantizes the encoder's outputs: each kind subclasses this with its own fields
+    (``vqvae.quantizers.config.KINDS`` names it) and says how it builds, counts and
+    describes itself. Stored inside the model's config as ``{"kind": ..., **fields}``.
 
     ``example``: the settings of a small instance (tests build every kind from these).
     """
 
-    example: dict = {}
+    kind: ClassVar[str] = ""
+    example: ClassVar[dict] = {}
 
-    def check(self, q) -> None:
-        """Refuse settings this kind cannot use (raise ValueError in one line)."""
-        if q.codebook_dim:
-            raise ValueError(
-                f"codebook_dim (factorised codes) is for kind 'vq' only, not {q.kind!r}; "
-                f"set it to 0"
-            )
-
-    def build(self, q, code_dim: int, rngs: nnx.Rngs) -> Quantizer:
+    def build(self, code_dim: int, rngs: nnx.Rngs) -> Quantizer:
         raise NotImplementedError
 
-    def vocab_size(self, q) -> int:
+    @property
+    def vocab_size(self) -> int:
         """Ids per token."""
-        return q.num_codes
+        raise NotImplementedError
 
-    def num_levels(self, q) -> int:
+    @property
+    def num_levels(self) -> int:
         """Tokens per vector."""
         return 1
 
-    def describe(self, q, code_dim: int) -> str:
-        """The quantizer in a few words (the report's line)."""
-        return f"{q.kind} {q.num_codes} x {code_dim}"
+    def describe(self, code_dim: int) -> str:
+        """The quantizer in a few words: kind, codes and their width (the report's line)."""
+        return f"{self.kind} {self.vocab_size} codes x {code_dim}"
+
+    def replace(self, **changes) -> "QuantizerConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The kind and its fields (tuples stay tuples: overridable on the command line)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {"kind": self.kind, **fields}

@@ -7,14 +7,23 @@ straight-through estimator's. A token is the mixed-radix number of the per-dimen
 levels. Inputs of another width are projected to the levels' dimensions and back.
 """
 
+import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vqvae.quantizers.base import Kind, Quantizer, QuantizerOutput, health, level_counts
+from vqvae.errors import InvalidValueError
+from vqvae.quantizers.base import (
+    Quantizer,
+    QuantizerConfig,
+    QuantizerOutput,
+    health,
+    level_counts,
+)
 from vqvae.ste import ste_round
 
 
@@ -59,7 +68,9 @@ class FSQ(Quantizer):
     def __init__(self, code_dim: int, levels: tuple[int, ...], *, rngs: nnx.Rngs):
         levels = tuple(int(x) for x in levels)
         if not levels or min(levels) < 2:
-            raise ValueError(f"fsq_levels needs at least one dimension of >= 2 levels: {levels}")
+            raise InvalidValueError(
+                f"fsq_levels needs at least one dimension of >= 2 levels: {levels}"
+            )
         self.code_dim, self.levels = code_dim, levels
         self.vocab_size = int(np.prod(levels))
         d = len(levels)
@@ -91,17 +102,23 @@ class FSQ(Quantizer):
         return self.lookup(jnp.arange(self.vocab_size, dtype=jnp.int32))
 
 
-class FSQKind(Kind):
-    example = {"fsq_levels": (4, 4, 2)}
+@dataclasses.dataclass(frozen=True)
+class FSQConfig(QuantizerConfig):
+    """kind "fsq": an implicit grid of ``fsq_levels`` per dimension (their product of codes)."""
 
-    def build(self, q, code_dim, rngs):
-        return FSQ(code_dim, q.fsq_levels, rngs=rngs)
+    kind: ClassVar[str] = "fsq"
+    example: ClassVar[dict] = {"fsq_levels": (4, 4, 2)}
+    fsq_levels: tuple[int, ...] = (8, 5, 5, 5)
 
-    def vocab_size(self, q) -> int:
-        return math.prod(q.fsq_levels)
+    def __post_init__(self):
+        object.__setattr__(self, "fsq_levels", tuple(int(x) for x in self.fsq_levels))
 
-    def describe(self, q, code_dim):
-        return f"fsq {tuple(q.fsq_levels)}: {self.vocab_size(q)} implicit codes"
+    def build(self, code_dim, rngs):
+        return FSQ(code_dim, self.fsq_levels, rngs=rngs)
 
+    @property
+    def vocab_size(self) -> int:
+        return math.prod(self.fsq_levels)
 
-KIND = FSQKind()
+    def describe(self, code_dim):
+        return f"fsq {self.fsq_levels}: {self.vocab_size} implicit codes"

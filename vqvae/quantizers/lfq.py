@@ -14,11 +14,21 @@ to 2^12 of them, and above that the sum of the per-dimension entropies of the ba
 bit probabilities (an upper bound on it, as in MAGVIT-v2's factorised form).
 """
 
+import dataclasses
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vqvae.quantizers.base import Kind, Quantizer, QuantizerOutput, health, level_counts
+from vqvae.errors import InvalidValueError
+from vqvae.quantizers.base import (
+    Quantizer,
+    QuantizerConfig,
+    QuantizerOutput,
+    health,
+    level_counts,
+)
 from vqvae.ste import ste_binary
 
 EXACT_BATCH_ENTROPY_BITS = 12  # up to 4,096 codes the batch entropy sums over every code
@@ -91,9 +101,9 @@ class LFQ(Quantizer):
         rngs: nnx.Rngs,
     ):
         if not 1 <= bits <= 30:
-            raise ValueError(f"lfq_bits must be in 1..30, got {bits}")
+            raise InvalidValueError(f"lfq_bits must be in 1..30, got {bits}")
         if temperature <= 0:
-            raise ValueError(f"lfq temperature must be positive, got {temperature}")
+            raise InvalidValueError(f"lfq temperature must be positive, got {temperature}")
         self.code_dim, self.bits, self.vocab_size = code_dim, bits, 2**bits
         self.beta, self.entropy_weight = beta, entropy_weight
         self.diversity_weight, self.temperature = diversity_weight, temperature
@@ -130,25 +140,32 @@ class LFQ(Quantizer):
         return self.lookup(jnp.arange(self.vocab_size, dtype=jnp.int32))
 
 
-class LFQKind(Kind):
-    example = {"lfq_bits": 5}
+@dataclasses.dataclass(frozen=True)
+class LFQConfig(QuantizerConfig):
+    """kind "lfq": ``lfq_bits`` signs per token (2^bits codes) and the entropy terms."""
 
-    def build(self, q, code_dim, rngs):
+    kind: ClassVar[str] = "lfq"
+    example: ClassVar[dict] = {"lfq_bits": 5}
+    lfq_bits: int = 9
+    beta: float = 0.25  # commitment cost
+    entropy_weight: float = 0.1
+    diversity_weight: float = 1.0
+    entropy_temperature: float = 0.01
+
+    def build(self, code_dim, rngs):
         return LFQ(
             code_dim,
-            q.lfq_bits,
-            beta=q.beta,
-            entropy_weight=q.entropy_weight,
-            diversity_weight=q.diversity_weight,
-            temperature=q.entropy_temperature,
+            self.lfq_bits,
+            beta=self.beta,
+            entropy_weight=self.entropy_weight,
+            diversity_weight=self.diversity_weight,
+            temperature=self.entropy_temperature,
             rngs=rngs,
         )
 
-    def vocab_size(self, q) -> int:
-        return 2**q.lfq_bits
+    @property
+    def vocab_size(self) -> int:
+        return 2**self.lfq_bits
 
-    def describe(self, q, code_dim):
-        return f"lfq {q.lfq_bits} bits: {self.vocab_size(q)} implicit codes"
-
-
-KIND = LFQKind()
+    def describe(self, code_dim):
+        return f"lfq {self.lfq_bits} bits: {self.vocab_size} implicit codes"

@@ -9,20 +9,23 @@ dropout, a training batch uses only the first n levels (n uniform in 1..L, with 
 ``dropout``), so that fewer levels still decode well.
 """
 
+import dataclasses
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vqvae.errors import InvalidValueError
 from vqvae.quantizers.assign import nearest_codes
 from vqvae.quantizers.base import (
     CodebookStats,
-    Kind,
     Quantizer,
     QuantizerOutput,
     health,
     level_counts,
 )
-from vqvae.quantizers.vq import VectorQuantizer, vq_options
+from vqvae.quantizers.vq import CodebookSettings, VectorQuantizer, vq_options
 from vqvae.ste import ste_replace
 
 
@@ -40,15 +43,17 @@ class ResidualVQ(Quantizer):
         **vq_options,
     ):
         if levels < 1:
-            raise ValueError(f"residual_levels must be at least 1, got {levels}")
+            raise InvalidValueError(f"residual_levels must be at least 1, got {levels}")
         if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"quantizer dropout must be in [0, 1], got {dropout}")
+            raise InvalidValueError(f"quantizer dropout must be in [0, 1], got {dropout}")
         if vq_options.get("normalize", False):
             # each level's unit-norm code is added whatever its residual's size, so extra
             # levels do not shrink the error
-            raise ValueError("residual VQ does not support cosine codes (normalize=True)")
+            raise InvalidValueError("residual VQ does not support cosine codes (normalize=True)")
         if vq_options.get("estimator", "ste") != "ste":
-            raise ValueError("residual VQ uses the straight-through estimator on the sum of levels")
+            raise InvalidValueError(
+                "residual VQ uses the straight-through estimator on the sum of levels"
+            )
         self.code_dim, self.vocab_size, self.num_levels = code_dim, num_codes, levels
         self.dropout = dropout
         self.levels = nnx.List(
@@ -101,7 +106,7 @@ class ResidualVQ(Quantizer):
         self.check_ids(indices)
         used = indices.shape[-1] if indices.ndim else 0
         if not 1 <= used <= self.num_levels:
-            raise ValueError(
+            raise InvalidValueError(
                 f"residual VQ tokens need a last axis of 1..{self.num_levels} levels, got "
                 f"shape {indices.shape}"
             )
@@ -123,24 +128,30 @@ class ResidualVQ(Quantizer):
             residual = residual - vq.codes()[nearest_codes(residual, vq.codes())]
 
 
-class RVQKind(Kind):
-    example = {"num_codes": 16, "residual_levels": 2, "quantizer_dropout": 0.5}
+@dataclasses.dataclass(frozen=True)
+class RVQConfig(CodebookSettings):
+    """kind "rvq": ``residual_levels`` codebooks of ``num_codes`` on successive residuals,
+    with quantizer dropout (the probability that a training batch uses only its first n
+    levels, n uniform in 1..levels)."""
 
-    def build(self, q, code_dim, rngs):
+    kind: ClassVar[str] = "rvq"
+    example: ClassVar[dict] = {"num_codes": 16, "residual_levels": 2, "quantizer_dropout": 0.5}
+    residual_levels: int = 1
+    quantizer_dropout: float = 0.0
+
+    def build(self, code_dim, rngs):
         return ResidualVQ(
             code_dim,
-            q.num_codes,
-            q.residual_levels,
-            dropout=q.quantizer_dropout,
+            self.num_codes,
+            self.residual_levels,
+            dropout=self.quantizer_dropout,
             rngs=rngs,
-            **vq_options(q),
+            **vq_options(self),
         )
 
-    def num_levels(self, q) -> int:
-        return q.residual_levels
+    @property
+    def num_levels(self) -> int:
+        return self.residual_levels
 
-    def describe(self, q, code_dim):
-        return f"rvq {q.residual_levels} levels x {q.num_codes} x {code_dim}"
-
-
-KIND = RVQKind()
+    def describe(self, code_dim):
+        return f"rvq {self.residual_levels} levels x {self.num_codes} x {code_dim}"

@@ -10,13 +10,15 @@ EMA update and dead-code restarts, over flat arrays ``z`` (N, D) and a codebook 
 each can be used and tested alone; ``VectorQuantizer`` wires them into a Flax NNX module.
 """
 
+import dataclasses
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vqvae.errors import InvalidValueError
 from vqvae.quantizers.assign import (
     _PRECISIONS,
     Precision,
@@ -26,7 +28,13 @@ from vqvae.quantizers.assign import (
     l2_normalize,
     nearest_codes,
 )
-from vqvae.quantizers.base import Codebook, CodebookStats, Kind, Quantizer, QuantizerOutput
+from vqvae.quantizers.base import (
+    Codebook,
+    CodebookStats,
+    Quantizer,
+    QuantizerConfig,
+    QuantizerOutput,
+)
 from vqvae.ste import rotation_trick, ste_replace
 
 
@@ -111,23 +119,27 @@ class VectorQuantizer(Quantizer):
         rngs: nnx.Rngs,
     ):
         if num_codes < 1:
-            raise ValueError(f"num_codes must be at least 1, got {num_codes}")
+            raise InvalidValueError(f"num_codes must be at least 1, got {num_codes}")
         if code_dim < 1:
-            raise ValueError(f"code_dim must be at least 1, got {code_dim}")
+            raise InvalidValueError(f"code_dim must be at least 1, got {code_dim}")
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
+            raise InvalidValueError(f"decay must be in [0, 1), got {decay}")
         if beta < 0 or epsilon <= 0:
-            raise ValueError(f"beta must be >= 0 and epsilon > 0, got {beta} and {epsilon}")
+            raise InvalidValueError(f"beta must be >= 0 and epsilon > 0, got {beta} and {epsilon}")
         if learning not in ("ema", "gradient"):
-            raise ValueError(f"learning must be 'ema' or 'gradient', got {learning!r}")
+            raise InvalidValueError(f"learning must be 'ema' or 'gradient', got {learning!r}")
         if estimator not in ("ste", "rotation"):
-            raise ValueError(f"estimator must be 'ste' or 'rotation', got {estimator!r}")
+            raise InvalidValueError(f"estimator must be 'ste' or 'rotation', got {estimator!r}")
         if precision not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+            raise InvalidValueError(
+                f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}"
+            )
         if dead_code_threshold > 0 and learning != "ema":
-            raise ValueError("dead_code_threshold needs learning='ema' (restarts edit EMA state)")
+            raise InvalidValueError(
+                "dead_code_threshold needs learning='ema' (restarts edit EMA state)"
+            )
         if not 0 <= codebook_dim < code_dim:
-            raise ValueError(
+            raise InvalidValueError(
                 f"codebook_dim must be 0 (codes of the input's width) or from 1 to "
                 f"code_dim - 1 = {code_dim - 1}, got {codebook_dim}"
             )
@@ -272,38 +284,54 @@ class VectorQuantizer(Quantizer):
             self.sums.set_value(centres * sizes[:, None])
 
 
-VQ_OPTIONS = (  # the config fields a codebook reads (vq, and each level of rvq)
-    "beta",
-    "learning",
-    "decay",
-    "epsilon",
-    "estimator",
-    "normalize",
-    "dead_code_threshold",
-    "precision",
-)
+@dataclasses.dataclass(frozen=True)
+class CodebookSettings(QuantizerConfig):
+    """A learned codebook's settings: vq's, and each level's of rvq."""
+
+    num_codes: int = 512
+    beta: float = 0.25  # commitment cost
+    learning: str = "ema"  # "ema" or "gradient"
+    decay: float = 0.99
+    epsilon: float = 1e-5
+    estimator: str = "ste"  # "ste" or "rotation"
+    normalize: bool = False  # cosine codes
+    dead_code_threshold: float = 0.0  # EMA: re-seed codes used less than this
+    precision: str = "highest"  # the assignment: "highest", "default" or "rerank"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_codes
 
 
-def vq_options(q) -> dict:
-    return {k: getattr(q, k) for k in VQ_OPTIONS}
+def vq_options(q: CodebookSettings) -> dict:
+    """The settings a ``VectorQuantizer`` takes as keywords (all but the codebook's size)."""
+    fields = dataclasses.fields(CodebookSettings)
+    return {f.name: getattr(q, f.name) for f in fields if f.name != "num_codes"}
 
 
-class VQKind(Kind):
-    example = {"num_codes": 32}
+@dataclasses.dataclass(frozen=True)
+class VQConfig(CodebookSettings):
+    """kind "vq": the nearest code in one learned codebook."""
 
-    def check(self, q) -> None:
-        """Factorised codes are this kind's own option."""
+    kind: ClassVar[str] = "vq"
+    example: ClassVar[dict] = {"num_codes": 32}
+    # factorised codes (ViT-VQGAN, LlamaGen): codes of this width under the encoder's, with
+    # learned projections in and out; 0: codes of the encoder's width
+    codebook_dim: int = 0
 
-    def build(self, q, code_dim, rngs):
+    def __post_init__(self):
+        if self.codebook_dim < 0:
+            raise InvalidValueError(
+                f"codebook_dim must be >= 0 (0: the input's width), got {self.codebook_dim}"
+            )
+
+    def build(self, code_dim, rngs):
         return VectorQuantizer(
-            q.num_codes, code_dim, codebook_dim=q.codebook_dim, rngs=rngs, **vq_options(q)
+            self.num_codes, code_dim, codebook_dim=self.codebook_dim, rngs=rngs, **vq_options(self)
         )
 
-    def describe(self, q, code_dim):
-        cosine = ", cosine" if q.normalize else ""
-        if q.codebook_dim:  # factorised: the stored codes' width
-            return f"vq {q.num_codes} x {q.codebook_dim}{cosine} (projected from {code_dim})"
-        return f"vq {q.num_codes} x {code_dim}{cosine}"
-
-
-KIND = VQKind()
+    def describe(self, code_dim):
+        cosine = ", cosine" if self.normalize else ""
+        if self.codebook_dim:  # factorised: the stored codes' width
+            return f"vq {self.num_codes} x {self.codebook_dim}{cosine} (projected from {code_dim})"
+        return f"vq {self.num_codes} x {code_dim}{cosine}"
