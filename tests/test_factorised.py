@@ -5,13 +5,23 @@ The trained round trip (Trainer -> Tokenizer -> export -> prior) runs as the ``v
 of tests/test_quantizers.py.
 """
 
+import json
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from vqvae.quantizers import VectorQuantizer, VQConfig, kind_of, quantizer_from_dict
+from vqvae.quantizers import (
+    RVQConfig,
+    VectorQuantizer,
+    VQConfig,
+    every_setting,
+    kind_of,
+    quantizer_from_dict,
+)
 
 
 def make(**options) -> VectorQuantizer:
@@ -124,6 +134,24 @@ def test_bad_factorised_settings_are_one_line_errors():
         VQConfig(codebook_dim=-1)
     for kind in ("rvq", "fsq", "lfq"):  # factorised codes are vq's own setting
         assert "codebook_dim" not in kind_of(kind)().to_dict()
+
+
+def test_another_kinds_setting_is_ignored_and_named_when_set(caplog):
+    """A run config lists every kind's fields: the chosen kind keeps its own, and one of
+    another kind's set away from its default is named in a warning."""
+    section = every_setting(RVQConfig(residual_levels=2))
+    with caplog.at_level(logging.WARNING, logger="vqvae.quantizers.config"):
+        assert quantizer_from_dict(section) == RVQConfig(residual_levels=2)
+        stored = json.loads(json.dumps(section))  # as a checkpoint's meta reads back
+        assert quantizer_from_dict(stored) == RVQConfig(residual_levels=2)
+        assert not caplog.records
+        assert quantizer_from_dict({**section, "codebook_dim": 4}) == RVQConfig(residual_levels=2)
+    (record,) = caplog.records
+    assert (
+        record.getMessage() == "quantizer kind 'rvq' ignores codebook_dim=4 (other kinds' settings)"
+    )
+    with pytest.raises(ValueError, match=r"unknown quantizer config keys: \['codebok_dim'\]"):
+        quantizer_from_dict({**section, "codebok_dim": 4})
 
 
 def test_the_config_builds_it_and_a_config_without_the_field_loads_unchanged():

@@ -152,12 +152,8 @@ PRESETS = {
     # (parameter counts in tests/test_vqgan.py, read off the originals' code). Codebooks
     # are gradient-learned, as theirs are.
     # taming-transformers' ImageNet VQGANs (configs/imagenet_vqgan.yaml's net)
-    "taming-f16-16384": _vqgan(
-        VQGANConfig(), 256, VQConfig(num_codes=16384, learning="gradient")
-    ),
-    "taming-f16-1024": _vqgan(
-        VQGANConfig(), 256, VQConfig(num_codes=1024, learning="gradient")
-    ),
+    "taming-f16-16384": _vqgan(VQGANConfig(), 256, VQConfig(num_codes=16384, learning="gradient")),
+    "taming-f16-1024": _vqgan(VQGANConfig(), 256, VQConfig(num_codes=1024, learning="gradient")),
     # MaskGIT's ImageNet tokenizer (maskgit/configs/vqgan_config.py): no attention, average
     # pooling, 1024 x 256 codes
     "maskgit-f16-1024": _vqgan(
