@@ -129,7 +129,41 @@ QUANTIZER_KINDS = {
     "lfq 9 bits": LFQConfig(lfq_bits=9),
     "rvq 3 x 8": RVQConfig(num_codes=8, residual_levels=3),
     "rvq 2 x 512": RVQConfig(num_codes=512, residual_levels=2),
+    # 16,384 codes: of the encoder's 64 dimensions (EMA, restarts), or factorised to 8 or 32
+    # l2-normalised dimensions (gradient-learned as LlamaGen's, or EMA)
+    "vq 16384 x 64 ema": VQConfig(num_codes=16384, dead_code_threshold=0.03),
+    "vq 16384 x 8 l2 gradient": VQConfig(
+        num_codes=16384, codebook_dim=8, normalize=True, learning="gradient"
+    ),
+    "vq 16384 x 8 l2 ema": VQConfig(
+        num_codes=16384, codebook_dim=8, normalize=True, dead_code_threshold=0.03
+    ),
+    "vq 16384 x 32 l2 gradient": VQConfig(
+        num_codes=16384, codebook_dim=32, normalize=True, learning="gradient"
+    ),
+    "vq 16384 x 32 l2 ema": VQConfig(
+        num_codes=16384, codebook_dim=32, normalize=True, dead_code_threshold=0.03
+    ),
 }
+
+
+def bench_quantizer(kind: str, case: dict, warmup: int, iters: int) -> dict:
+    """The train step with this quantizer; for a codebook, also its nearest-code search
+    alone at the step's shapes (every vector of the batch against every code) and that
+    search's share of the step."""
+    r = bench_train(f"sonnet-cifar, {kind}", case, warmup, iters, compare=False)
+    model, qc = case["model"], case["model"].quantizer
+    if isinstance(qc, VQConfig):
+        n = r["batch"] * model.grid_size**2
+        d = qc.codebook_dim or model.code_dim
+        kz, ke = jax.random.split(jax.random.key(0))
+        z = jax.random.normal(kz, (n, d), jnp.float32)
+        e = jax.random.normal(ke, (qc.num_codes, d), jnp.float32)
+        search = jax.jit(partial(nearest_codes, precision=qc.precision))
+        secs, _ = timed(search, z, e, warmup=warmup, iters=iters)
+        r["assign_ms"] = secs * 1e3
+        r["assign_share"] = r["assign_ms"] / r["step_ms"]
+    return r
 
 
 def bench_train(name: str, case: dict, warmup: int, iters: int, compare: bool = True) -> dict:
@@ -370,8 +404,10 @@ def cases(presets: list[str], quick: bool) -> dict:
     base_case = train_cases["sonnet-cifar"]
     for kind, qc in QUANTIZER_KINDS.items():
         case = {**base_case, "model": base_case["model"].replace(quantizer=qc)}
-        fn = partial(bench_train, f"sonnet-cifar, {kind}", case, warmup, iters, compare=False)
-        out[f"quantizer {kind}"] = ("quantizer", fn)
+        out[f"quantizer {kind}"] = (
+            "quantizer",
+            partial(bench_quantizer, kind, case, warmup, iters),
+        )
     for kind in ("prior", "maskgit"):
         for scale in (1.0, 3.0):
             fn = partial(bench_sampler, kind, scale, quick, warmup, iters)

@@ -76,6 +76,7 @@ def test_quick_benchmark_suite_runs(tmp_path):
         assert "over_old" in r  # every row against the old path, measured in the same run
     vq, rvq = result["quantizer"]  # in the order asked: the ratio is against vq's step
     assert vq["step_over_vq"] == 1.0 and rvq["step_over_vq"] > 0 and "rvq" in rvq["case"]
+    assert vq["assign_ms"] > 0 and 0 < vq["assign_share"] == vq["assign_ms"] / vq["step_ms"]
     sampler = {r["case"]: r for r in result["sampler"]}
     assert set(sampler) == {"prior sampling, cfg 3", "maskgit sampling, cfg 1"}
     for r in sampler.values():
